@@ -1,0 +1,1 @@
+"""The edge: stream subscriber, local state, gate and reverse proxy."""

@@ -1,0 +1,1 @@
+"""The master: durable event log, operator API and event stream."""

@@ -1,0 +1,196 @@
+"""``twistd edgeauth-master``: options and the service that runs log, fan-out and listener.
+
+Start-up is ordered: the log is opened (and retention applied) before the listener opens, so no
+request ever meets a half-open store; stop runs in reverse: the listener closes, live streams end,
+pending commits finish, then the database closes.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.application import service
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IReactorCore, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.web.server import Site
+
+from edgeauth.config import ConfigError, Settings, load_settings
+from edgeauth.master.api import MasterRoot, OperatorAPI
+from edgeauth.master.auth import TokenAuthority
+from edgeauth.master.fanout import Fanout
+from edgeauth.master.log import IEventLog, SqliteEventLog
+from edgeauth.master.metrics import MasterMetrics
+from edgeauth.master.stream import (
+    EventStreamResource,
+    SeedEventsResource,
+    SnapshotResource,
+    StreamContext,
+)
+
+log = Logger()
+
+COMPACT_EVERY = 60.0
+
+
+class Options(usage.Options):
+    """Command line of ``twistd edgeauth-master`` (PROTOCOL.md §8)."""
+
+    optParameters = [
+        ["config", "c", None, "The ini file (etc/edgeauth.ini)."],
+        ["listen", None, None, "Listener endpoint, overrides [master] listen."],
+        ["database", None, None, "SQLite path (or DSN), overrides [master] database."],
+    ]
+
+    def postOptions(self) -> None:
+        """Load and validate the configuration now, so bad settings stop start-up."""
+        overrides = {
+            ("master", key): self[key] for key in ("listen", "database") if self[key] is not None
+        }
+        try:
+            self["settings"] = load_settings(self["config"], overrides)
+        except ConfigError as exc:
+            raise usage.UsageError(str(exc)) from None
+        except OSError as exc:
+            raise usage.UsageError(f"{self['config']}: {exc}") from None
+
+
+class MasterService(service.Service):
+    """Owns the event log, the fan-out and the HTTP listener of one master."""
+
+    def __init__(self, settings: Settings, reactor: Any) -> None:
+        """Prepare the master; nothing opens before :meth:`startService`."""
+        self.settings = settings
+        self.reactor = reactor
+        self.metrics = MasterMetrics()
+        master = settings.master
+        self.log: IEventLog = SqliteEventLog(
+            master.database,
+            reactor,
+            retention_events=master.retention_events,
+            retention_seconds=master.retention_days * 86400,
+        )
+        self.fanout = Fanout(
+            self.log,
+            reactor,
+            self.metrics,
+            ping_interval=master.ping_interval,
+            sse_cycle=master.sse_cycle,
+            max_buffer=master.max_subscriber_buffer,
+        )
+        self.port: IListeningPort | None = None
+        self.ready: Deferred[None] = Deferred()
+        self._compactor: LoopingCall | None = None
+        self._starting: Deferred[None] | None = None
+
+    def build_site(self) -> Site:
+        """Return the HTTP site: stream resources plus the Klein operator API."""
+        master = self.settings.master
+        authority = TokenAuthority(self.settings.tokens)
+        ctx = StreamContext(
+            self.log,
+            self.fanout,
+            authority,
+            self.metrics,
+            self.reactor,
+            max_batch=master.max_batch,
+            long_poll_timeout=master.long_poll_timeout,
+            stream_cache=master.stream_cache,
+        )
+        api = OperatorAPI(
+            self.log, self.fanout, authority, self.metrics, self.reactor, max_body=master.max_body
+        )
+        root = MasterRoot(
+            api.app.resource(),
+            {
+                b"/v1/stream/events": EventStreamResource(ctx),
+                b"/events": SeedEventsResource(ctx),
+                b"/v1/snapshot": SnapshotResource(ctx),
+            },
+        )
+        site = Site(root, timeout=master.http_timeout, reactor=self.reactor)
+        site.displayTracebacks = False
+        return site
+
+    async def start(self) -> None:
+        """Open the log, apply retention, then listen."""
+        await self.log.open()
+        await self._compact()
+        self._compactor = LoopingCall(self._compact)
+        self._compactor.clock = self.reactor
+        self._compactor.start(COMPACT_EVERY, now=False).addErrback(
+            lambda f: log.failure("compaction loop stopped", f)
+        )
+        endpoint = serverFromString(self.reactor, self.settings.master.listen)
+        self.port = await endpoint.listen(self.build_site())
+        log.info(
+            "edgeauth master listening on {address}, log {log_id} at seq {tail}",
+            address=self.port.getHost(),
+            log_id=self.log.log_id,
+            tail=self.log.tail,
+        )
+
+    async def _compact(self) -> None:
+        assert IReactorTime.providedBy(self.reactor)
+        removed = await self.log.compact(self.reactor.seconds())
+        if removed:
+            log.info("retention removed {n} events", n=removed)
+        self.metrics.log_earliest.set(self.log.earliest)
+        self.metrics.log_tail.set(self.log.tail)
+
+    def startService(self) -> None:
+        """Start asynchronously; a failure to start stops the process with a clear message."""
+        super().startService()
+        d = Deferred.fromCoroutine(self.start())
+        self._starting = d
+
+        def started(_: object) -> None:
+            self.ready.callback(None)
+
+        def failed(failure: Any) -> None:
+            log.failure("edgeauth master failed to start", failure)
+            self.ready.errback(failure)
+            if IReactorCore.providedBy(self.reactor) and self.reactor.running:
+                self.reactor.stop()
+
+        d.addCallbacks(started, failed)
+
+    async def stop(self) -> None:
+        """Stop listening, end live streams, finish commits, close the database."""
+        starting = self._starting
+        if starting is not None and not starting.called:
+            await starting
+        if self._compactor is not None and self._compactor.running:
+            self._compactor.stop()
+        if self.port is not None:
+            await maybeDeferred(self.port.stopListening)
+            self.port = None
+        self.fanout.close_all()
+        await self.log.close()
+
+    def stopService(self) -> Deferred[None]:
+        """Stop in reverse order of start."""
+        super().stopService()
+        return Deferred.fromCoroutine(self.stop())
+
+
+def makeService(options: Options) -> service.IService:
+    """Build the master service for twistd."""
+    from twisted.internet import reactor
+
+    settings: Settings = options["settings"]
+    svc = MasterService(settings, reactor)
+    svc.setName("edgeauth-master")
+    return svc
+
+
+def main() -> None:  # pragma: no cover - convenience for `python -m edgeauth.master.service`
+    """Run the master in the foreground (same as ``twistd -n edgeauth-master``)."""
+    from twisted.scripts.twistd import run
+
+    sys.argv = ["twistd", "-n", "edgeauth-master", *sys.argv[1:]]
+    run()

@@ -1,0 +1,236 @@
+"""Test helpers: a real master on 127.0.0.1 port 0, HTTP clients and an SSE reader.
+
+Everything here talks real HTTP over loopback sockets; nothing of our network path is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import treq
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+
+from edgeauth.config import Settings, load_settings
+from edgeauth.master.service import MasterService
+from edgeauth.wire.sse import SSEComment, SSEEvent, SSEParser, SSERetry
+
+OPERATOR_TOKEN = "operator-token-for-tests"
+EDGE_TOKEN = "edge-token-for-tests"
+READER_TOKEN = "reader-token-for-tests"
+TEST_ENV = {
+    "EDGEAUTH_OPERATOR_TOKEN": OPERATOR_TOKEN,
+    "EDGEAUTH_EDGE_TOKEN": EDGE_TOKEN,
+    "EDGEAUTH_READER_TOKEN": READER_TOKEN,
+}
+
+
+def write_master_ini(tmp_path: Path, **master: Any) -> Path:
+    """Write an ini file for a test master (port 0, database in ``tmp_path``)."""
+    values = {
+        "listen": "tcp:0:interface=127.0.0.1",
+        "database": str(tmp_path / "master.sqlite3"),
+        **master,
+    }
+    lines = ["[master]", *(f"{k} = {v}" for k, v in values.items())]
+    lines += [
+        "[tokens]",
+        "ops = operator env:EDGEAUTH_OPERATOR_TOKEN",
+        "edges = edge env:EDGEAUTH_EDGE_TOKEN",
+        "viewer = reader env:EDGEAUTH_READER_TOKEN",
+    ]
+    path = tmp_path / "master.ini"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def master_settings(tmp_path: Path, **master: Any) -> Settings:
+    """Return validated settings for a test master."""
+    return load_settings(str(write_master_ini(tmp_path, **master)), environ=TEST_ENV)
+
+
+@attrs.define
+class RunningMaster:
+    """A master service started in this process, listening on 127.0.0.1."""
+
+    service: MasterService
+
+    @property
+    def url(self) -> str:
+        """Base URL of the master."""
+        assert self.service.port is not None
+        return f"http://127.0.0.1:{self.service.port.getHost().port}"
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port."""
+        assert self.service.port is not None
+        return int(self.service.port.getHost().port)
+
+    async def stop(self) -> None:
+        """Stop the master (listener, streams, database)."""
+        await self.service.stopService()
+
+
+async def start_master(tmp_path: Path, **master: Any) -> RunningMaster:
+    """Start a master with the given ``[master]`` keys and wait until it listens."""
+    service = MasterService(master_settings(tmp_path, **master), reactor)
+    service.startService()
+    await service.ready
+    return RunningMaster(service)
+
+
+def auth(token: str | None = OPERATOR_TOKEN) -> dict[str, str]:
+    """Return an Authorization header for ``token`` (none when None)."""
+    return {} if token is None else {"Authorization": f"Bearer {token}"}
+
+
+@attrs.define
+class Reply:
+    """A fully read HTTP answer."""
+
+    code: int
+    headers: Headers
+    body: bytes
+
+    def json(self) -> Any:
+        """Decode the body as JSON."""
+        return json.loads(self.body)
+
+    def header(self, name: str) -> str | None:
+        """Return one response header as text."""
+        values = self.headers.getRawHeaders(name.encode())
+        return values[0].decode() if values else None
+
+
+class Client:
+    """A treq client on a test-owned keep-alive pool."""
+
+    def __init__(self, base_url: str) -> None:
+        """Talk to ``base_url``."""
+        self.base_url = base_url
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.agent = Agent(reactor, pool=self.pool)
+        self.http = treq.client.HTTPClient(self.agent)
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        token: str | None = OPERATOR_TOKEN,
+        body: bytes | None = None,
+        json_body: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Reply:
+        """Send one request and read the whole answer."""
+        all_headers = {**auth(token), **(headers or {})}
+        if json_body is not None:
+            body = json.dumps(json_body).encode()
+            all_headers.setdefault("Content-Type", "application/json")
+        response = await self.http.request(
+            method, self.base_url + path, data=body, headers=all_headers
+        )
+        content = await treq.content(response)
+        return Reply(response.code, response.headers, content)
+
+    async def post(self, path: str, json_body: Any, token: str | None = OPERATOR_TOKEN) -> Reply:
+        """POST a JSON body."""
+        return await self.request("POST", path, json_body=json_body, token=token)
+
+    async def get(self, path: str, token: str | None = OPERATOR_TOKEN, **kw: Any) -> Reply:
+        """GET a path."""
+        return await self.request("GET", path, token=token, **kw)
+
+    async def close(self) -> None:
+        """Close the pooled connections."""
+        await self.pool.closeCachedConnections()
+
+
+SSEItem = SSEEvent | SSEComment | SSERetry
+
+
+class _SSEProtocol(Protocol):
+    def __init__(self, reader: SSEReader) -> None:
+        self.reader = reader
+
+    def dataReceived(self, data: bytes) -> None:
+        self.reader.raw += data
+        self.reader.items.extend(self.reader.parser.feed(data))
+        self.reader.check()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.reader.ended = True
+        self.reader.items.extend(self.reader.parser.feed_eof())
+        self.reader.check()
+
+
+class SSEReader:
+    """Reads an SSE response into parsed items; tests wait for conditions on them."""
+
+    def __init__(self) -> None:
+        self.parser = SSEParser()
+        self.items: list[SSEItem] = []
+        self.raw = b""
+        self.ended = False
+        self.response: IResponse | None = None
+        self._waits: list[tuple[Callable[[SSEReader], bool], Deferred[None]]] = []
+        self._protocol = _SSEProtocol(self)
+
+    @classmethod
+    async def open(
+        cls, agent: Agent, url: str, headers: Mapping[str, str] | None = None
+    ) -> SSEReader:
+        """GET ``url`` and start reading its event stream."""
+        reader = cls()
+        raw_headers = Headers({k: [v] for k, v in (headers or {}).items()})
+        response = await agent.request(b"GET", url.encode(), raw_headers)
+        reader.response = response
+        response.deliverBody(reader._protocol)
+        return reader
+
+    @property
+    def events(self) -> list[SSEEvent]:
+        """The dispatched events so far."""
+        return [i for i in self.items if isinstance(i, SSEEvent)]
+
+    def check(self) -> None:
+        """Fire the waits whose condition now holds."""
+        for item in list(self._waits):
+            condition, d = item
+            if self.ended or condition(self):
+                self._waits.remove(item)
+                d.callback(None)
+
+    async def wait_for(self, condition: Callable[[SSEReader], bool], timeout: float = 5) -> None:
+        """Wait until ``condition(self)`` holds (or the stream ends); fail after ``timeout``."""
+        if condition(self) or self.ended:
+            return
+        d: Deferred[None] = Deferred()
+        self._waits.append((condition, d))
+        d.addTimeout(timeout, reactor)
+        await d
+
+    def close(self) -> None:
+        """Drop the connection abruptly."""
+        transport = getattr(self._protocol, "transport", None)
+        if transport is not None:
+            transport.stopProducing()
+
+
+def data_events(reader: SSEReader) -> list[dict[str, Any]]:
+    """All events carried by ``event: data`` frames so far, flattened."""
+    out: list[dict[str, Any]] = []
+    for event in reader.events:
+        if event.event == "data":
+            out.extend(json.loads(event.data))
+    return out
