@@ -27,8 +27,19 @@ typecheck: $(DEPS)
 test: install lint typecheck
 	$(BIN)/python -m pytest -q
 
-run: install
-	$(BIN)/python -m edgeauth.demo
+TOKENS := var/operator.token var/edge.token var/reader.token
+
+var/%.token:
+	@mkdir -p var
+	@$(BIN)/python -c 'import secrets; print(secrets.token_hex(24))' > $@
+
+# The master with demo tokens (under var/) on 127.0.0.1:4000; Ctrl-C stops it.
+run: install $(TOKENS)
+	@echo "operator token: $$(cat var/operator.token)   (export TOKEN=$$(cat var/operator.token))"
+	EDGEAUTH_OPERATOR_TOKEN=$$(cat var/operator.token) \
+	EDGEAUTH_EDGE_TOKEN=$$(cat var/edge.token) \
+	EDGEAUTH_READER_TOKEN=$$(cat var/reader.token) \
+	$(BIN)/twistd --nodaemon --pidfile= edgeauth-master --config etc/edgeauth.ini
 
 bench: install
 	$(BIN)/python bench/master_append.py

@@ -461,6 +461,15 @@ def resolve_secret(
         raise ConfigError(str(exc)) from None
 
 
+def _check_secret_form(spec: str, *, allow_digest: bool) -> None:
+    """Check the form of a secret reference of the other role without reading the secret."""
+    kind, sep, _ = spec.partition(":")
+    kinds = ("env", "file", "sha256") if allow_digest else ("env", "file")
+    if not sep or kind not in kinds:
+        forms = "env:NAME, file:PATH" + (" or sha256:HEX" if allow_digest else "")
+        raise _BadValueError(f"a secret must be given as {forms}; literal secrets are not allowed")
+
+
 def _token_entry(name: str, value: str, environ: Mapping[str, str]) -> TokenEntry:
     parts = value.split(None, 1)
     if len(parts) != 2:
@@ -511,6 +520,7 @@ def _build(
     section: str,
     values: Mapping[str, tuple[str, str]],
     environ: Mapping[str, str],
+    resolve: bool = True,
     **extra: Any,
 ) -> _T:
     fields = attrs.fields_dict(cls)
@@ -522,6 +532,9 @@ def _build(
         try:
             if "parse" in field.metadata:
                 kwargs[key] = field.metadata["parse"](text)
+            elif text and not resolve:
+                _check_secret_form(text, allow_digest=False)
+                kwargs[key] = None
             elif text:
                 secret = _resolve(text, allow_digest=False, environ=environ)
                 kwargs[key] = field.metadata["secret"](secret)
@@ -547,6 +560,7 @@ def load_settings(
     path: str | None,
     overrides: Mapping[tuple[str, str], str] | None = None,
     environ: Mapping[str, str] | None = None,
+    role: str | None = None,
 ) -> Settings:
     """Read and validate the configuration.
 
@@ -556,6 +570,9 @@ def load_settings(
         overrides: raw values by ``(section, key)``, e.g. from twistd options such as ``--listen``;
             they replace the file's values and are validated the same way.
         environ: the environment for ``env:`` secrets; defaults to :data:`os.environ`.
+        role: ``master`` or ``edge`` to resolve only that role's secrets (one ini file may serve
+            both roles on hosts that hold only their own secrets); the other role's secret
+            references are checked for form only. None resolves every secret.
 
     Returns:
         The settings, all frozen.
@@ -581,10 +598,18 @@ def load_settings(
             known = ", ".join([*_SECTIONS, "tokens", "ttl.<rule>"])
             raise ConfigError(f"unknown section (known: {known})", file=source, section=section)
 
+    if role not in (None, "master", "edge"):
+        raise ValueError(f"unknown role {role!r}")
     tokens = []
     seen: dict[bytes, str] = {}
     for name, (text, source) in raw.get("tokens", {}).items():
         try:
+            if role == "edge":
+                parts = text.split(None, 1)
+                if len(parts) != 2 or parts[0] not in TOKEN_ROLES:
+                    raise _BadValueError("expected '<role> <secret>', e.g. 'operator env:OPS'")
+                _check_secret_form(parts[1], allow_digest=True)
+                continue
             entry = _token_entry(name, text, env)
         except _BadValueError as exc:
             raise ConfigError(str(exc), file=source, section="tokens", key=name) from None
@@ -595,7 +620,9 @@ def load_settings(
         tokens.append(entry)
 
     built = {
-        section: _build(cls, section, raw.get(section, {}), env)
+        section: _build(
+            cls, section, raw.get(section, {}), env, resolve=role != "master"
+        )
         for section, cls in _SECTIONS.items()
         if section != "ttl"
     }
@@ -609,7 +636,8 @@ def _cross_check(settings: Settings, raw: _Raw) -> None:
     """Checks that involve more than one key."""
     gate, cache = settings.gate, settings.cache
     if gate.protect:
-        if any(a.startswith("HS") for a in gate.jwt_algorithms) and gate.jwt_secret is None:
+        given = bool(raw.get("gate", {}).get("jwt_secret", ("", ""))[0])
+        if any(a.startswith("HS") for a in gate.jwt_algorithms) and not given:
             why = "required (env:NAME or file:PATH) when protect is set and HS* is allowed"
             raise _fail(why, "gate", "jwt_secret", raw, settings.path)
         if any(not a.startswith("HS") for a in gate.jwt_algorithms) and gate.jwks_file is None:

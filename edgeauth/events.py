@@ -63,15 +63,26 @@ def _text(value: object, field: str, *, allow_empty: bool = True) -> str:
         raise EventError("invalid_field", f"{field} is longer than {MAX_TEXT} characters")
     if not allow_empty and not value:
         raise EventError("invalid_field", f"{field} must not be empty")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise EventError("invalid_field", f"{field} is not valid Unicode text") from None
     return value
 
 
 def _number(value: object, field: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise EventError("invalid_field", f"{field} must be a finite number")
-    if value < 0:
+    try:
+        number = float(value)  # an int beyond float range raises OverflowError
+    except OverflowError:
+        raise EventError("invalid_field", f"{field} must be a finite number") from None
+    if not math.isfinite(number):
+        raise EventError("invalid_field", f"{field} must be a finite number")
+    if number < 0:
         raise EventError("invalid_field", f"{field} must not be negative")
-    return float(value)
+    return number
 
 
 def _optional_number(value: object, field: str) -> float | None:
@@ -281,7 +292,7 @@ def decode_events(data: bytes | str) -> list[Event | UnknownEvent]:
     """
     try:
         items = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # Recursion: deep nesting
         raise EventError("invalid_event", f"not JSON: {exc}") from None
     if not isinstance(items, list):
         raise EventError("invalid_event", "expected a JSON array of events")

@@ -399,3 +399,29 @@ def test_empty_secret_file(tmp_path: Path) -> None:
     path = write(tmp_path, f"[tokens]\nops = operator file:{tmp_path}/empty.token\n")
     with pytest.raises(ConfigError, match=r"\[tokens\] ops: secret file .* is empty"):
         load_settings(path, environ={})
+
+
+def test_master_role_needs_only_master_secrets(tmp_path: Path) -> None:
+    """With role="master", the edge's token and JWT secret variables need not exist."""
+    ini = tmp_path / "both.ini"
+    ini.write_text(
+        "[tokens]\nops = operator env:OPS\n[edge]\ntoken = env:EDGE_ONLY\n"
+        "[gate]\nprotect = /api/*\njwt_secret = env:JWT_ONLY\n"
+    )
+    settings = load_settings(str(ini), environ={"OPS": "x" * 20}, role="master")
+    assert [t.name for t in settings.tokens] == ["ops"]
+    assert settings.edge.token is None
+    with pytest.raises(ConfigError, match="EDGE_ONLY|JWT_ONLY"):
+        load_settings(str(ini), environ={"OPS": "x" * 20})
+
+
+def test_edge_role_needs_only_edge_secrets(tmp_path: Path) -> None:
+    """With role="edge", [tokens] variables need not exist but their form is still checked."""
+    ini = tmp_path / "both.ini"
+    ini.write_text("[tokens]\nops = operator env:OPS_ONLY\n[edge]\ntoken = env:EDGE\n")
+    settings = load_settings(str(ini), environ={"EDGE": "e" * 20}, role="edge")
+    assert settings.tokens == ()
+    assert settings.edge.token == "e" * 20
+    ini.write_text("[tokens]\nops = operator plaintext\n[edge]\ntoken = env:EDGE\n")
+    with pytest.raises(ConfigError, match=r"\[tokens\] ops"):
+        load_settings(str(ini), environ={"EDGE": "e" * 20}, role="edge")

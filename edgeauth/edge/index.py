@@ -81,7 +81,7 @@ def _parse_network(text: str) -> tuple[str, int, int, int]:
         EventError: ``invalid_ip`` when ``text`` is neither an address nor a network.
     """
     addr, sep, plen_text = text.partition("/")
-    if sep and plen_text.isascii() and plen_text.isdigit() and str(int(plen_text)) == plen_text:
+    if sep and 0 < len(plen_text) <= 3 and plen_text.isascii() and plen_text.isdigit():
         plen = int(plen_text)
         try:
             if ":" in addr:
@@ -92,7 +92,7 @@ def _parse_network(text: str) -> tuple[str, int, int, int]:
                 canonical = socket.inet_ntoa(packed) == addr
         except (OSError, ValueError):
             canonical = False
-        if canonical and plen <= _BITS[version]:
+        if canonical and plen <= _BITS[version] and str(plen) == plen_text:
             value = int.from_bytes(packed, "big")
             if value & _MASKS[version][plen] == value:
                 return text, version, plen, value
@@ -124,6 +124,12 @@ class NetworkIndex:
     At most one entry per network (PROTOCOL.md §2): :meth:`put` replaces the entry of the same
     network. An entry with ``expires_at`` not after ``now`` is ignored by :meth:`match` and
     :meth:`matches`, and removed by :meth:`sweep`.
+
+    Args:
+        entries: entries to start with, put in order.
+
+    Raises:
+        EventError: ``invalid_ip`` for an entry whose ``ip`` is not an address or network.
     """
 
     def __init__(self, entries: Iterable[Entry] = ()) -> None:

@@ -28,18 +28,23 @@ from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
 from edgeauth.events import (
-    CacheInvalidated,
     Event,
     EventError,
-    IpAllowed,
-    IpBanned,
     IpUnallowed,
     IpUnbanned,
-    SubjectRevoked,
-    TokenRevoked,
     UnknownEvent,
     encode_event,
     event_from_dict,
+)
+from edgeauth.state_sql import (
+    STATE_SCHEMA,
+    TABLE_COLUMNS,
+    TABLE_KEYS,
+    TABLE_LIVE,
+    apply_state_txn,
+    delete_expired_txn,
+    read_state_txn,
+    rows_txn,
 )
 
 log = Logger()
@@ -110,33 +115,8 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY, type TEXT NOT NULL, timestamp REAL NOT NULL, body TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS bans (
-    ip TEXT PRIMARY KEY, reason TEXT NOT NULL, expires_at REAL, source TEXT NOT NULL,
-    seq INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS allows (
-    ip TEXT PRIMARY KEY, reason TEXT NOT NULL, expires_at REAL, source TEXT NOT NULL,
-    seq INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS revoked_tokens (
-    jti TEXT PRIMARY KEY, expires_at REAL, seq INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS revoked_subjects (
-    sub TEXT PRIMARY KEY, before REAL NOT NULL, seq INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS events_by_time ON events (timestamp);
 """
-
-_ENTRY_COLUMNS = "ip, reason, expires_at, source, seq"
-_TABLE_KEYS = {"bans": "ip", "allows": "ip", "revoked_tokens": "jti", "revoked_subjects": "sub"}
-_TABLE_COLUMNS = {
-    "bans": _ENTRY_COLUMNS,
-    "allows": _ENTRY_COLUMNS,
-    "revoked_tokens": "jti, expires_at",
-    "revoked_subjects": "sub, before",
-}
-_TABLE_LIVE = {
-    "bans": "(expires_at IS NULL OR expires_at > :now)",
-    "allows": "(expires_at IS NULL OR expires_at > :now)",
-    "revoked_tokens": "(expires_at IS NULL OR expires_at > :now)",
-    "revoked_subjects": "1",
-}
 
 
 def _open_connection(conn: sqlite3.Connection) -> None:
@@ -156,7 +136,7 @@ def covering_networks(address: str) -> list[str]:
 
 
 def _init_txn(txn: sqlite3.Cursor) -> tuple[str, int, int]:
-    txn.executescript(SCHEMA)
+    txn.executescript(SCHEMA + STATE_SCHEMA)
     row = txn.execute("SELECT value FROM meta WHERE key = 'log_id'").fetchone()
     if row is None:
         log_id = secrets.token_hex(8)
@@ -172,37 +152,6 @@ def _init_txn(txn: sqlite3.Cursor) -> tuple[str, int, int]:
 def _live_entry_exists(txn: sqlite3.Cursor, table: str, ip: str, now: float) -> bool:
     sql = f"SELECT 1 FROM {table} WHERE ip = ? AND (expires_at IS NULL OR expires_at > ?)"
     return txn.execute(sql, (ip, now)).fetchone() is not None
-
-
-def _apply_state_txn(txn: sqlite3.Cursor, event: Event) -> None:
-    """Update the state tables for one event (the SQL twin of ``replay.State.apply``)."""
-    if isinstance(event, IpBanned | IpAllowed):
-        table = "bans" if isinstance(event, IpBanned) else "allows"
-        txn.execute(
-            f"INSERT OR REPLACE INTO {table} ({_ENTRY_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
-            (event.ip, event.reason, event.expires_at, event.source, event.seq),
-        )
-    elif isinstance(event, IpUnbanned):
-        txn.execute("DELETE FROM bans WHERE ip = ?", (event.ip,))
-    elif isinstance(event, IpUnallowed):
-        txn.execute("DELETE FROM allows WHERE ip = ?", (event.ip,))
-    elif isinstance(event, TokenRevoked):
-        txn.execute(
-            "INSERT INTO revoked_tokens (jti, expires_at, seq) VALUES (?, ?, ?) "
-            "ON CONFLICT (jti) DO UPDATE SET seq = excluded.seq, expires_at = CASE "
-            "WHEN expires_at IS NULL OR excluded.expires_at IS NULL THEN NULL "
-            "ELSE max(expires_at, excluded.expires_at) END",
-            (event.jti, event.expires_at, event.seq),
-        )
-    elif isinstance(event, SubjectRevoked):
-        txn.execute(
-            "INSERT INTO revoked_subjects (sub, before, seq) VALUES (?, ?, ?) "
-            "ON CONFLICT (sub) DO UPDATE SET seq = excluded.seq, "
-            "before = max(before, excluded.before)",
-            (event.sub, event.before, event.seq),
-        )
-    else:
-        assert isinstance(event, CacheInvalidated)
 
 
 def _append_txn(txn: sqlite3.Cursor, drafts: Sequence[Event]) -> list[LogRecord | RefusedError]:
@@ -229,7 +178,7 @@ def _append_txn(txn: sqlite3.Cursor, drafts: Sequence[Event]) -> list[LogRecord 
             "INSERT INTO events (seq, type, timestamp, body) VALUES (?, ?, ?, ?)",
             (tail, event.TYPE, event.timestamp, body),
         )
-        _apply_state_txn(txn, event)
+        apply_state_txn(txn, event)
         results.append(LogRecord(tail, body, event))
     txn.execute("UPDATE meta SET value = ? WHERE key = 'tail'", (str(tail),))
     return results
@@ -242,31 +191,19 @@ def _read_txn(txn: sqlite3.Cursor, after: int, limit: int) -> list[tuple[int, st
     return [(int(seq), str(body)) for seq, body in rows]
 
 
-def _rows(txn: sqlite3.Cursor, sql: str, params: Any = ()) -> list[dict[str, Any]]:
-    cursor = txn.execute(sql, params)
-    names = [d[0] for d in cursor.description]
-    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
-
-
 def _snapshot_txn(txn: sqlite3.Cursor, now: float) -> dict[str, Any]:
     """Read the tail and every state table; one connection makes it consistent."""
     tail = int(txn.execute("SELECT value FROM meta WHERE key = 'tail'").fetchone()[0])
     out: dict[str, Any] = {"tail": tail}
-    for table, columns in _TABLE_COLUMNS.items():
-        key = _TABLE_KEYS[table]
-        out[table] = _rows(
-            txn,
-            f"SELECT {columns} FROM {table} WHERE {_TABLE_LIVE[table]} ORDER BY {key}",
-            {"now": now},
-        )
+    out.update(read_state_txn(txn, now))
     return out
 
 
 def _entries_txn(
     txn: sqlite3.Cursor, table: str, now: float, ip: str | None, after: str | None, limit: int
 ) -> list[dict[str, Any]]:
-    key = _TABLE_KEYS[table]
-    where = [_TABLE_LIVE[table]]
+    key = TABLE_KEYS[table]
+    where = [TABLE_LIVE[table]]
     params: dict[str, Any] = {"now": now, "limit": limit}
     if ip is not None:
         nets = covering_networks(ip)
@@ -276,21 +213,25 @@ def _entries_txn(
         where.append(f"{key} > :after")
         params["after"] = after
     sql = (
-        f"SELECT {_TABLE_COLUMNS[table]} FROM {table} WHERE {' AND '.join(where)} "
+        f"SELECT {TABLE_COLUMNS[table]} FROM {table} WHERE {' AND '.join(where)} "
         f"ORDER BY {key} LIMIT :limit"
     )
-    return _rows(txn, sql, params)
+    return rows_txn(txn, sql, params)
 
 
 def _compact_txn(
     txn: sqlite3.Cursor, keep_events: int, cutoff: float, now: float
 ) -> tuple[int, int]:
     tail = int(txn.execute("SELECT value FROM meta WHERE key = 'tail'").fetchone()[0])
+    # Only ever a prefix, so the retained log stays contiguous even if timestamps are not
+    # monotonic in seq (a wall clock stepped back): the oldest events up to the first one
+    # that is recent enough.
     removed = txn.execute(
-        "DELETE FROM events WHERE seq <= ? OR timestamp < ?", (tail - keep_events, cutoff)
+        "DELETE FROM events WHERE seq <= ? OR seq < "
+        "coalesce((SELECT min(seq) FROM events WHERE timestamp >= ?), ? + 1)",
+        (tail - keep_events, cutoff, tail),
     ).rowcount
-    for table in ("bans", "allows", "revoked_tokens"):
-        txn.execute(f"DELETE FROM {table} WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,))
+    delete_expired_txn(txn, now)
     first = txn.execute("SELECT min(seq) FROM events").fetchone()[0]
     return removed, tail + 1 if first is None else int(first)
 
@@ -384,7 +325,7 @@ class SqliteEventLog:
         return d
 
     def close(self) -> Deferred[None]:
-        """Wait for the commit in flight, then close the pool."""
+        """Wait for the commit in flight and the queued appends, then close the pool."""
         pending = self._committing
 
         def shut(_: object = None) -> None:
@@ -400,6 +341,9 @@ class SqliteEventLog:
         waiter: Deferred[None] = Deferred()
 
         def after_commit(result: object) -> object:
+            if self._committing is not None:  # queued appends went into another group commit
+                self._committing.addBoth(after_commit)
+                return result
             shut()
             waiter.callback(None)
             return result
@@ -414,6 +358,9 @@ class SqliteEventLog:
     def append(self, event: Event) -> Deferred[Event]:
         """Queue ``event``; it joins the next group commit. Fires after it is durable."""
         d: Deferred[Event] = Deferred()
+        if self._pool is None:
+            d.errback(RuntimeError("the event log is not open"))
+            return d
         self._queue.append((event, d))
         if self._committing is None:
             self._flush()
@@ -449,9 +396,9 @@ class SqliteEventLog:
 
         def next_batch(_: object) -> None:
             self._committing = None
-            done.callback(None)
             if self._queue:
                 self._flush()
+            done.callback(None)
 
         d.addCallbacks(committed, failed).addBoth(next_batch)
 
@@ -492,7 +439,7 @@ class SqliteEventLog:
         self, table: str, now: float, ip: str | None, after: str | None, limit: int
     ) -> Deferred[list[dict[str, Any]]]:
         """List live entries of one state table, keyset-paged by key, or those covering ``ip``."""
-        if table not in _TABLE_KEYS:
+        if table not in TABLE_KEYS:
             raise ValueError(f"no table {table!r}")
         return self._pool_run(_entries_txn, table, now, ip, after, limit)
 

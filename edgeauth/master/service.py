@@ -7,12 +7,16 @@ pending commits finish, then the database closes.
 
 from __future__ import annotations
 
+import atexit
+import os
+import sqlite3
 import sys
 from typing import Any
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IReactorCore, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -52,11 +56,9 @@ class Options(usage.Options):
             ("master", key): self[key] for key in ("listen", "database") if self[key] is not None
         }
         try:
-            self["settings"] = load_settings(self["config"], overrides)
+            self["settings"] = load_settings(self["config"], overrides, role="master")
         except ConfigError as exc:
             raise usage.UsageError(str(exc)) from None
-        except OSError as exc:
-            raise usage.UsageError(f"{self['config']}: {exc}") from None
 
 
 class MasterService(service.Service):
@@ -152,10 +154,16 @@ class MasterService(service.Service):
             self.ready.callback(None)
 
         def failed(failure: Any) -> None:
-            log.failure("edgeauth master failed to start", failure)
+            if failure.check(CannotListenError, OSError, sqlite3.Error):
+                # An operating problem (port taken, unusable database path): one line says it.
+                why = failure.getErrorMessage()
+                log.critical("edgeauth master failed to start: {why}", why=why)
+            else:
+                log.failure("edgeauth master failed to start", failure)
             self.ready.errback(failure)
-            if IReactorCore.providedBy(self.reactor) and self.reactor.running:
-                self.reactor.stop()
+            if IReactorCore.providedBy(self.reactor):
+                # The failure may come before the reactor runs (twistd starts services first).
+                self.reactor.callWhenRunning(self.reactor.stop)
 
         d.addCallbacks(started, failed)
 
@@ -185,7 +193,20 @@ def makeService(options: Options) -> service.IService:
     settings: Settings = options["settings"]
     svc = MasterService(settings, reactor)
     svc.setName("edgeauth-master")
+    svc.ready.addErrback(_exit_status_one)
     return svc
+
+
+def _exit_status_one(_: object) -> None:
+    """Make twistd end with status 1 after its orderly shutdown (twistd has no exit-status API)."""
+
+    def leave() -> None:
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            if stream is not None:
+                stream.flush()
+        os._exit(1)
+
+    atexit.register(leave)
 
 
 def main() -> None:  # pragma: no cover - convenience for `python -m edgeauth.master.service`
