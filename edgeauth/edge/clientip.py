@@ -170,17 +170,18 @@ def _forwarded_nodes(values: Sequence[bytes]) -> list[str | None]:
             element = element.strip(" \t")
             if not element:
                 continue
-            node: str | None = ""
+            node: str | None = None
+            has_for = False
             for pair in _split_outside_quotes(element, ";"):
                 name, sep, raw = pair.strip(" \t").partition("=")
                 if not sep:
-                    node = None
+                    node, has_for = None, True
                     break
                 if name.lower() == "for":
-                    node = _unquote(raw)
+                    node, has_for = _unquote(raw) or None, True
                     if node is None:
                         break
-            if node != "":
+            if has_for:
                 nodes.append(node)
     return nodes
 
@@ -246,6 +247,8 @@ def client_ip(
     if parsed is None:
         return peer
     if not trusted or not trusted.contains(*parsed):
+        if parsed[0] == 4 and ":" not in peer:
+            return peer  # inet_pton accepts only the canonical dotted quad
         return format_ip(*parsed)
     hops: Sequence[str | None] = _xff_nodes(x_forwarded_for)
     from_forwarded = not hops

@@ -11,7 +11,6 @@ clock (``now`` is an argument), no storage; the caller applies and stores the lo
 from __future__ import annotations
 
 import fnmatch
-import json
 import re
 import urllib.parse
 from collections.abc import Callable, Collection, Sequence
@@ -148,7 +147,7 @@ class Gate:
     def is_protected(self, path: bytes) -> bool:
         """Return whether a request path (a query is ignored) needs a JWT.
 
-        The raw path and, when it holds ``%``, ``\\``, ``;``, ``//`` or ``/.``, its decoded,
+        The raw path and, when it holds ``%``, a backslash, ``;``, ``//`` or ``/.``, its decoded,
         dot-segment-free form are both matched, so that an encoding the origin undoes cannot
         slip past a glob.
         """
@@ -274,8 +273,3 @@ class Gate:
 
 def _unauthorized(body: bytes, reason: str) -> Refusal:
     return Refusal(status=401, body=body, headers=_UNAUTHORIZED_HEADERS, reason=reason)
-
-
-def refusal_json(refusal: Refusal) -> Any:
-    """Return the decoded JSON body of a refusal (for logs and tests)."""
-    return json.loads(refusal.body)

@@ -33,7 +33,7 @@ from twisted.web.iweb import IResponse
 
 from edgeauth.edge.metrics import EdgeMetrics
 from edgeauth.edge.state import EdgeState, SnapshotError
-from edgeauth.events import EventError, decode_events, event_type
+from edgeauth.events import EventError, IpBanned, decode_events, event_type
 from edgeauth.wire.offsets import OffsetError, format_offset, parse_offset
 from edgeauth.wire.sse import SSEEvent, SSEParseError, SSEParser
 
@@ -517,6 +517,46 @@ class Subscriber:
                 self.state.apply([], next_offset)
                 self._applied()
             self._announce(next_offset)
+
+    # --- local bans ------------------------------------------------------------------------
+
+    def report_ban(self, event: IpBanned) -> Deferred[bool]:
+        """POST a ban this edge decided to the master (``share_local_bans``); fires with success.
+
+        The ban is already enforced and persisted locally; a failure here is logged, not retried:
+        the local ban stands on its own.
+        """
+        body: dict[str, Any] = {"ip": event.ip, "reason": event.reason, "source": event.source}
+        if event.expires_at is not None:
+            body["ttl"] = max(1.0, round(event.expires_at - self.clock.seconds(), 3))
+        d = self.http.post(f"{self.master}/ban/ip", json=body, headers=self.headers)
+        d.addTimeout(REQUEST_TIMEOUT, self.clock)
+
+        def done(response: IResponse) -> Deferred[bool]:
+            def logged(content: bytes) -> bool:
+                if response.code == 201:
+                    return True
+                log.warn(
+                    "the master refused the local ban of {ip}: {code} {body}",
+                    ip=event.ip,
+                    code=response.code,
+                    body=content[:200],
+                )
+                return False
+
+            result: Deferred[bool] = treq.content(response).addCallback(logged)
+            return result
+
+        def failed(failure: Failure) -> bool:
+            log.warn(
+                "could not report the local ban of {ip}: {f}",
+                ip=event.ip,
+                f=failure.getErrorMessage(),
+            )
+            return False
+
+        reported: Deferred[bool] = d.addCallback(done)
+        return reported.addErrback(failed)
 
     # --- tail probe ------------------------------------------------------------------------
 

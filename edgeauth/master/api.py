@@ -107,7 +107,7 @@ class OperatorAPI:
             raise HTTPError(413, "body_too_large", f"bodies are limited to {self.max_body} bytes")
         try:
             return json.loads(raw, parse_constant=_reject_constant)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # Recursion: deep nesting
             raise HTTPError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
 
     @staticmethod

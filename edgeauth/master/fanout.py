@@ -32,18 +32,13 @@ PING = encode_comment("ping")
 FLEET_FORGET_AFTER = 300.0
 
 
-def stream_frames(records: Sequence[LogRecord], cursor: int) -> bytes:
-    """Encode one commit for ``/v1/stream/events?live=sse``: a data frame, then a control frame."""
+def stream_frames(records: Sequence[LogRecord], cursor: int, up_to_date: bool = True) -> bytes:
+    """Encode events for ``/v1/stream/events?live=sse``: a data frame, then a control frame.
+
+    ``up_to_date`` is False for catch-up batches that do not reach the tail yet.
+    """
     data = "[" + ",".join(r.json for r in records) + "]"
-    control = json.dumps(
-        {
-            "streamNextOffset": format_offset(records[-1].seq),
-            "streamCursor": str(cursor),
-            "upToDate": True,
-        },
-        separators=(",", ":"),
-    )
-    return encode_event(data, event="data") + encode_event(control, event="control")
+    return encode_event(data, event="data") + control_frame(records[-1].seq, cursor, up_to_date)
 
 
 def control_frame(offset: int, cursor: int, up_to_date: bool) -> bytes:
@@ -267,10 +262,11 @@ class Fanout:
             return
         self.metrics.sse_cycled.inc()
         request = sub.request
+        # Take the transport first: Request.finish() deletes request.channel.
+        transport = request.channel.transport if request.channel is not None else None
         self._unsubscribe(sub)
         request.unregisterProducer()
         request.finish()
-        transport = request.channel.transport if request.channel is not None else None
         if transport is not None:
             transport.loseConnection()
 

@@ -165,14 +165,20 @@ class StreamContext:
 
 
 def _safely(
-    ctx: StreamContext, mode: str, request: Request, handler: Callable[[], bytes | int]
+    ctx: StreamContext,
+    mode: str | Callable[[], str],
+    request: Request,
+    handler: Callable[[], bytes | int],
 ) -> bytes | int:
-    """Run a render handler, turning HTTPError into a JSON error answer."""
+    """Run a render handler, turning HTTPError into a JSON error answer counted under ``mode``.
+
+    ``mode`` may be a callable when the handler decides it (``live=`` of the stream).
+    """
     ctx.common_headers(request)
     try:
         return handler()
     except HTTPError as exc:
-        ctx.count(mode, exc.status)
+        ctx.count(mode if isinstance(mode, str) else mode(), exc.status)
         return write_error(request, exc)
 
 
@@ -231,7 +237,7 @@ class EventStreamResource(Resource):
                 return self._long_poll(request, position, client_cursor)
             return self._catch_up(request, position, mode)
 
-        return _safely(self.ctx, mode, request, handle)
+        return _safely(self.ctx, lambda: mode, request, handle)
 
     def _not_allowed(self, request: Request) -> bytes:
         self.ctx.common_headers(request)
@@ -330,7 +336,12 @@ class EventStreamResource(Resource):
         member = self._member(request, "sse", position)
         sub = self.ctx.fanout.subscribe(request, "sse", position, member, cycle=True)
         sub.write(encode_comment("edgeauth stream"))
-        _catch_up_then_live(self.ctx, sub, lambda records: stream_frames(records, self._cursor()))
+        log_ = self.ctx.log
+
+        def encode(records: Sequence[LogRecord]) -> bytes:
+            return stream_frames(records, self._cursor(), records[-1].seq >= log_.tail)
+
+        _catch_up_then_live(self.ctx, sub, encode)
         return NOT_DONE_YET
 
     def _cursor(self) -> int:

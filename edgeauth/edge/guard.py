@@ -1,0 +1,109 @@
+"""Connects the sans-io :class:`~edgeauth.edge.gate.Gate` to twisted.web requests.
+
+For each request the proxy is about to forward: resolve the client IP (believing
+``X-Forwarded-For``/``Forwarded`` only from ``trusted_proxies``), apply ``fail_mode`` before the
+first sync, ask the gate, count the decision, and turn local bans from the failure pattern into
+enforced, persisted (and optionally shared) bans.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.iweb import IRequest
+
+from edgeauth.edge.clientip import TrustedProxies, client_ip
+from edgeauth.edge.gate import Gate, Refusal
+from edgeauth.edge.metrics import EdgeMetrics
+from edgeauth.edge.state import EdgeState
+from edgeauth.events import IpBanned
+
+NOT_SYNCED = Refusal(
+    status=503,
+    body=json.dumps(
+        {"error": "not_ready", "detail": "this edge has not synced with a master yet"}
+    ).encode(),
+    headers=((b"content-type", b"application/json"), (b"cache-control", b"no-store")),
+    reason="not_synced",
+    ban=None,
+)
+
+CLIENT_IP_ATTRIBUTE = "edgeauth_client_ip"
+
+
+class RequestGuard:
+    """Decides whether a request may reach the origin."""
+
+    def __init__(
+        self,
+        gate: Gate,
+        trusted: TrustedProxies,
+        state: EdgeState,
+        metrics: EdgeMetrics,
+        clock: IReactorTime,
+        *,
+        fail_mode: str = "open",
+        share_ban: Callable[[IpBanned], None] | None = None,
+    ) -> None:
+        """Guard requests with ``gate``; ``share_ban`` reports local bans to the master."""
+        self.gate = gate
+        self.trusted = trusted
+        self.state = state
+        self.metrics = metrics
+        self.clock = clock
+        self.fail_mode = fail_mode
+        self.share_ban = share_ban
+
+    def client_ip(self, request: IRequest) -> str:
+        """Return (and remember on the request) the client address of ``request``."""
+        cached = getattr(request, CLIENT_IP_ATTRIBUTE, None)
+        if cached is not None:
+            return str(cached)
+        peer = request.getClientAddress()
+        host = str(getattr(peer, "host", "") or "")
+        headers = request.requestHeaders
+        ip = client_ip(
+            host,
+            headers.getRawHeaders(b"x-forwarded-for") or (),
+            headers.getRawHeaders(b"forwarded") or (),
+            self.trusted,
+        )
+        setattr(request, CLIENT_IP_ATTRIBUTE, ip)
+        return ip
+
+    def check(self, request: IRequest) -> Refusal | None:
+        """Return the refusal to send instead of proxying, or None to proxy."""
+        if not self.state.synced and self.fail_mode == "closed":
+            self.metrics.checks.labels(result="not_synced").inc()
+            return NOT_SYNCED
+        ip = self.client_ip(request)
+        refusal = self.gate.check(
+            ip,
+            request.method,
+            request.uri,
+            request.getHeader(b"authorization"),
+            self.clock.seconds(),
+        )
+        if refusal is None:
+            self.metrics.checks.labels(result="allowed").inc()
+            return None
+        self.metrics.checks.labels(result=refusal.reason).inc()
+        if refusal.ban is not None:
+            self.metrics.refusals.labels(source=refusal.ban.source).inc()
+        return refusal
+
+    def on_response(self, request: IRequest, status: int) -> None:
+        """Feed an origin status to the failure pattern."""
+        self.metrics.origin_responses.labels(status=f"{status // 100}xx").inc()
+        ip = getattr(request, CLIENT_IP_ATTRIBUTE, None)
+        if ip is not None:
+            self.gate.record_origin_status(str(ip), status, self.clock.seconds())
+
+    def local_ban(self, event: IpBanned) -> None:
+        """Enforce, persist and (if configured) share a ban decided by this edge."""
+        self.state.add_local_ban(event)
+        self.metrics.local_bans.inc()
+        if self.share_ban is not None:
+            self.share_ban(event)
