@@ -62,7 +62,11 @@ def serve_baseline() -> None:
             request.setHeader(b"cache-control", b"no-store")
             return BASELINE_BODY
 
-    port = reactor.listenTCP(0, Site(Created()), interface="127.0.0.1")  # type: ignore[attr-defined]
+    # The same Site options as the master (no form parsing where Twisted offers the switch).
+    from edgeauth.master.service import _SITE_OPTIONS
+
+    site = Site(Created(), **_SITE_OPTIONS)
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]
     print(port.getHost().port, flush=True)
     reactor.run()  # type: ignore[attr-defined]
 
@@ -283,6 +287,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from edgeauth.master import log as event_log
+    from edgeauth.master.service import _SITE_OPTIONS
 
     pragmas = inspect.getsource(event_log._open_connection)
     assert "synchronous=FULL" in pragmas and "journal_mode=WAL" in pragmas, pragmas
@@ -301,6 +306,11 @@ def main() -> None:
         print(f"  database {database} on {filesystem_of(work)}")
         print("  SQLite journal_mode=WAL, synchronous=FULL (as edgeauth.master.log sets it)")
         print(f"  4 KiB write+fsync on that filesystem: median {fsync_ms(work):.2f} ms")
+        print(f"  twisted.web Site options of master and baseline: {_SITE_OPTIONS or 'defaults'}")
+        print(
+            "  the master logs to a file (twistd --logfile): an access line and an audit line per "
+            "ban; the baseline logs nothing"
+        )
         print(
             f"  {args.repeats} repeats x {args.seconds:g} s (+{args.warmup:g} s warm-up) per "
             "concurrency; load generator: separate asyncio process, keep-alive, 1 request in "

@@ -277,6 +277,14 @@ class EdgeSettings:
         fail_mode: ``open`` (serve) or ``closed`` (503) before the first sync.
         stream_mode: ``sse`` or ``long-poll`` for the live stream.
         ping_interval: expected seconds between SSE pings (the idle watchdog uses twice this).
+        access_log: ``off``, ``buffered`` (written in batches off the reactor thread) or
+            ``sampled`` (one request in ``access_log_sample``, buffered).
+        access_log_path: the access log file (needed unless ``access_log = off``).
+        access_log_sample: with ``sampled``, log one request in this many.
+        origin_max_connections: most connections open to the origin at once.
+        origin_connect_timeout: seconds to connect to the origin (then 502).
+        origin_response_timeout: seconds without progress from the origin (then 504).
+        http_timeout: idle timeout of client connections (``Site`` timeout) in seconds.
     """
 
     id: str = _field("edge-a", _text(_NAME, "letters, digits, '.', '_' or '-'"))
@@ -293,6 +301,13 @@ class EdgeSettings:
     fail_mode: str = _field("open", _choice("open", "closed"))
     stream_mode: str = _field("sse", _choice("sse", "long-poll"))
     ping_interval: float = _field(15.0, _POSITIVE)
+    access_log: str = _field("off", _choice("off", "buffered", "sampled"))
+    access_log_path: str | None = _field(None, _optional)
+    access_log_sample: int = _field(100, _number(int, 1))
+    origin_max_connections: int = _field(64, _number(int, 1))
+    origin_connect_timeout: float = _field(5.0, _POSITIVE)
+    origin_response_timeout: float = _field(30.0, _POSITIVE)
+    http_timeout: float = _field(60.0, _POSITIVE)
 
 
 @attrs.frozen(kw_only=True)
@@ -643,6 +658,9 @@ def _cross_check(settings: Settings, raw: _Raw) -> None:
         if any(not a.startswith("HS") for a in gate.jwt_algorithms) and gate.jwks_file is None:
             why = "required when protect is set and a public-key algorithm is used"
             raise _fail(why, "gate", "jwks_file", raw, settings.path)
+    if settings.edge.access_log != "off" and not settings.edge.access_log_path:
+        why = f"required when access_log = {settings.edge.access_log}"
+        raise _fail(why, "edge", "access_log_path", raw, settings.path)
     if cache.max_object_bytes > cache.max_bytes:
         why = f"must not exceed max_bytes ({cache.max_bytes}), got {cache.max_object_bytes}"
         raise _fail(why, "cache", "max_object_bytes", raw, settings.path)

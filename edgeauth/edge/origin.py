@@ -8,8 +8,9 @@ What Agent's ``HTTP11ClientProtocol`` and ``HTTPConnectionPool`` gave for free i
 
 - a connection closed by the origin while idle leaves the pool at once; a request whose pooled
   connection closes before any response byte is retried once on a fresh connection when that is
-  safe (idempotent method, replayable body), else it fails with :class:`BadGateway`;
-- connect, idle and response timeouts (:class:`OriginUnreachable`, :class:`OriginTimeout`);
+  safe (idempotent method, replayable body), else it fails with :class:`BadGatewayError`;
+- connect, idle and response timeouts (:class:`OriginUnreachableError` when a connection cannot
+  be made, :class:`OriginTimeoutError` when the origin stalls);
 - at most ``max_connections`` connections; later requests wait in a FIFO queue;
 - HEAD responses carry no body whatever their ``Content-Length``; 1xx interim responses are
   skipped; a ``101 Switching Protocols`` fails the exchange (upgrades are not proxied);
@@ -39,7 +40,7 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionDone, TimeoutError
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
@@ -55,13 +56,13 @@ from zope.interface import implementer
 
 __all__ = [
     "IDEMPOTENT_METHODS",
-    "BadGateway",
+    "BadGatewayError",
     "OriginCall",
     "OriginError",
     "OriginPool",
     "OriginRequest",
-    "OriginTimeout",
-    "OriginUnreachable",
+    "OriginTimeoutError",
+    "OriginUnreachableError",
     "ResponseHandler",
 ]
 
@@ -86,20 +87,20 @@ class OriginError(Exception):
         return str(self.args[0]) if self.args else self.kind
 
 
-class OriginUnreachable(OriginError):
+class OriginUnreachableError(OriginError):
     """No connection to the origin could be made (refused, failed or timed out)."""
 
     kind = "origin_unreachable"
 
 
-class OriginTimeout(OriginError):
+class OriginTimeoutError(OriginError):
     """The origin made no progress for ``response_timeout`` seconds."""
 
     kind = "origin_timeout"
     status = 504
 
 
-class BadGateway(OriginError):
+class BadGatewayError(OriginError):
     """The origin closed the connection early or sent something that is not HTTP/1.1."""
 
 
@@ -227,7 +228,7 @@ class OriginCall:
         proto, self._proto = self._proto, None
         if proto is not None:
             proto.abandon()
-        self._fail(OriginTimeout(f"no progress from the origin for {timeout:g}s"))
+        self._fail(OriginTimeoutError(f"no progress from the origin for {timeout:g}s"))
 
     def _fail(self, error: OriginError) -> None:
         if self._state == _DONE:
@@ -246,7 +247,7 @@ class OriginCall:
             _log.failure("response handler failed")
 
 
-class _Stop(Exception):
+class _StopParsingError(Exception):
     """Raised inside a parser callback to stop parsing."""
 
 
@@ -310,10 +311,10 @@ class _OriginProtocol(protocol.Protocol):
                 body.seek(call._body_start)
                 data = body.read(length)
             except (OSError, ValueError) as exc:
-                self.fail(BadGateway(f"request body unreadable: {exc}"))
+                self.fail(BadGatewayError(f"request body unreadable: {exc}"))
                 return
             if len(data) != length:
-                self.fail(BadGateway("request body shorter than its Content-Length"))
+                self.fail(BadGatewayError("request body shorter than its Content-Length"))
                 return
             parts.append(data)
             body = None
@@ -367,14 +368,16 @@ class _OriginProtocol(protocol.Protocol):
             self.parser.feed_data(data)
         except HttpParserUpgrade:
             if self.call is call and self.state != _COMPLETE:
-                self.fail(BadGateway("origin switched protocols; upgrades are not proxied"))
+                self.fail(BadGatewayError("origin switched protocols; upgrades are not proxied"))
                 return
             self.garbage = True
         except HttpParserError as exc:
             if self.call is not call:
                 return
             if self.state != _COMPLETE:
-                self.fail(BadGateway(self.failure or f"invalid response from the origin: {exc}"))
+                self.fail(
+                    BadGatewayError(self.failure or f"invalid response from the origin: {exc}")
+                )
                 return
             self.garbage = True
         if self.state == _COMPLETE and self.call is call:
@@ -383,7 +386,7 @@ class _OriginProtocol(protocol.Protocol):
     def on_message_begin(self) -> None:  # noqa: D102
         if self.state == _COMPLETE:
             self.garbage = True
-            raise _Stop
+            raise _StopParsingError
         self.headers = []
         self.reason = b""
 
@@ -396,12 +399,12 @@ class _OriginProtocol(protocol.Protocol):
 
     def on_headers_complete(self) -> None:  # noqa: D102
         if self.parser is None or self.call is None:
-            raise _Stop
+            raise _StopParsingError
         status = self.parser.get_status_code()
         if status < 200:
             if status == 101:
                 self.failure = "origin switched protocols; upgrades are not proxied"
-                raise _Stop
+                raise _StopParsingError
             return  # 1xx interim response: skipped
         if self.head_request:
             self.state = _COMPLETE
@@ -419,7 +422,7 @@ class _OriginProtocol(protocol.Protocol):
     def on_body(self, body: bytes) -> None:  # noqa: D102
         if self.state != _BODY or self.call is None:
             self.garbage = True
-            raise _Stop
+            raise _StopParsingError
         self.call.handler.response_body(body)
 
     def on_message_complete(self) -> None:  # noqa: D102
@@ -468,9 +471,9 @@ class _OriginProtocol(protocol.Protocol):
         if self.state == _BODY and self.until_close and reason.check(ConnectionDone):
             call._finish()
         elif not self.got_bytes:
-            call._fail(BadGateway("origin closed the connection without responding"))
+            call._fail(BadGatewayError("origin closed the connection without responding"))
         else:
-            call._fail(BadGateway("origin closed the connection before the response ended"))
+            call._fail(BadGatewayError("origin closed the connection before the response ended"))
 
 
 @implementer(IPullProducer)
@@ -498,7 +501,7 @@ class _BodyProducer:
             want = _CHUNK if self.remaining is None else min(_CHUNK, self.remaining)
             data = self.body.read(want)
         except (OSError, ValueError) as exc:
-            proto.fail(BadGateway(f"request body unreadable: {exc}"))
+            proto.fail(BadGatewayError(f"request body unreadable: {exc}"))
             return
         if proto.call is not None:
             proto.call._touch()
@@ -509,7 +512,7 @@ class _BodyProducer:
             transport.write(b"0\r\n\r\n")
         else:
             if not data:
-                proto.fail(BadGateway("request body shorter than its Content-Length"))
+                proto.fail(BadGatewayError("request body shorter than its Content-Length"))
                 return
             self.remaining -= len(data)
             transport.write(data)
@@ -527,7 +530,7 @@ class _OriginFactory(protocol.Factory):
     def __init__(self, pool: OriginPool) -> None:
         self.pool = pool
 
-    def buildProtocol(self, addr: IAddress) -> _OriginProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> _OriginProtocol:
         return _OriginProtocol(self.pool)
 
 
@@ -548,10 +551,10 @@ class OriginPool:
         port: the origin's port.
         max_connections: the most connections open at once; later requests wait in FIFO order.
         max_idle: the most idle connections kept for reuse.
-        connect_timeout: seconds allowed to connect (then :class:`OriginUnreachable`).
+        connect_timeout: seconds allowed to connect (then :class:`OriginUnreachableError`).
         idle_timeout: seconds an idle connection is kept before it is closed.
         response_timeout: seconds without progress (queueing, waiting for the response head,
-            between body reads while the client keeps up) before :class:`OriginTimeout`.
+            between body reads while the client keeps up) before :class:`OriginTimeoutError`.
     """
 
     def __init__(
@@ -597,9 +600,7 @@ class OriginPool:
         try:
             version = ipaddress.ip_address(self.host).version
         except ValueError:
-            endpoint = HostnameEndpoint(
-                reactor, self.host, self.port, timeout=self.connect_timeout
-            )
+            endpoint = HostnameEndpoint(reactor, self.host, self.port, timeout=self.connect_timeout)
         else:
             tcp = TCP4ClientEndpoint if version == 4 else TCP6ClientEndpoint
             endpoint = tcp(reactor, self.host, self.port, timeout=self.connect_timeout)
@@ -632,7 +633,7 @@ class OriginPool:
         """
         call = OriginCall(self, request, handler)
         if self._closed:
-            call._fail(OriginUnreachable("the origin pool is closed"))
+            call._fail(OriginUnreachableError("the origin pool is closed"))
         else:
             self._dispatch(call)
         return call
@@ -648,12 +649,14 @@ class OriginPool:
             self._sweep.cancel()
         self._sweep = None
         while self._waiting:
-            self._waiting.popleft()._fail(OriginUnreachable("the origin pool is closed"))
+            self._waiting.popleft()._fail(OriginUnreachableError("the origin pool is closed"))
         for proto in list(self._connected):
             if proto.call is not None:
-                proto.fail(OriginUnreachable("the origin pool is closed"))
+                proto.fail(OriginUnreachableError("the origin pool is closed"))
             elif proto.transport is not None:
                 proto.transport.abortConnection()  # type: ignore[attr-defined]
+        for proto in self._idle:
+            proto.in_idle = False
         self._idle.clear()
         if self._open == 0:
             return succeed(None)
@@ -699,11 +702,12 @@ class OriginPool:
 
     def _on_connect_failed(self, failure: Failure, call: OriginCall) -> None:
         self._open -= 1
-        call._fail(
-            OriginUnreachable(
-                f"cannot connect to {self.host}:{self.port}: {failure.getErrorMessage()}"
-            )
-        )
+        where = f"{self.host}:{self.port}"
+        if failure.check(TimeoutError):
+            detail = f"connecting to {where} timed out after {self.connect_timeout:g}s"
+        else:
+            detail = f"cannot connect to {where}: {failure.getErrorMessage()}"
+        call._fail(OriginUnreachableError(detail))
         self._check_closed()
         self._drain()
 
@@ -752,7 +756,7 @@ class OriginPool:
 
     def _retry(self, call: OriginCall) -> None:
         if self._closed:
-            call._fail(OriginUnreachable("the origin pool is closed"))
+            call._fail(OriginUnreachableError("the origin pool is closed"))
         elif self._open < self.max_connections:
             self._connect(call)  # a fresh connection: other pooled ones may be stale too
         else:

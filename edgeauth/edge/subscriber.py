@@ -61,6 +61,10 @@ class StreamProtocolError(Exception):
     """The master sent something this edge cannot parse or that breaks the protocol."""
 
 
+class IdleTimeoutError(StreamProtocolError):
+    """No byte arrived for two ping intervals (the idle watchdog)."""
+
+
 class ResyncNeededError(Exception):
     """The stored offset means nothing on this master (410 or another log id)."""
 
@@ -156,6 +160,8 @@ class Subscriber:
         self._current: Deferred[Any] | None = None
         self._body: _SSEBody | None = None
         self._watchdog: IDelayedCall | None = None
+        self._went_live = False
+        self._live_error = False
         self._probe: LoopingCall | None = None
         self.first_sync: Deferred[None] = Deferred()
 
@@ -200,6 +206,7 @@ class Subscriber:
             master = self.master
             self.status.master = master
             clean = False
+            self._went_live = False
             try:
                 await self._session(master)
                 clean = True
@@ -207,6 +214,9 @@ class Subscriber:
                 if self._stopping:
                     break
                 reason = "cancelled"
+            except IdleTimeoutError as exc:
+                reason = "idle"
+                self._note_error(master, str(exc))
             except MasterRefusedError as exc:
                 self.status.refused = True
                 reason = "refused"
@@ -231,7 +241,8 @@ class Subscriber:
                 self.metrics.reconnects.labels(reason=reason).inc()
             if lasted >= HEALTHY_AFTER:
                 attempt = 0
-            if clean and lasted >= 1.0:
+            if clean and (lasted >= 1.0 or self._went_live):
+                # The server cycled a live stream (PROTOCOL.md 4.3): reconnect at once.
                 continue
             if not clean:
                 self._index += 1
@@ -298,7 +309,8 @@ class Subscriber:
             await self._bootstrap(master)
             await self._catch_up(master)
         self.status.refused = False
-        self.status.protocol_error = None
+        if not self._live_error:
+            self.status.protocol_error = None
         self.status.last_error = None
         if not self.first_sync.called:
             self.first_sync.callback(None)
@@ -334,6 +346,12 @@ class Subscriber:
         while True:
             url = f"{master}/v1/stream/events?offset={format_offset(self.state.offset)}"
             response = await self._get(url, REQUEST_TIMEOUT)
+            if response.headers.hasHeader(b"edgeauth-log-id") and (
+                self._log_id(response) != self.state.log_id
+            ):
+                # Our offset means nothing on another log: it may even be past its tail (400).
+                await treq.content(response)
+                raise ResyncNeededError("the master's log id differs from the stored one")
             if response.code == 410:
                 await treq.content(response)
                 raise ResyncNeededError("the stored offset is older than the master's retention")
@@ -371,7 +389,8 @@ class Subscriber:
         self._applied()
 
     def _applied(self) -> None:
-        self.status.protocol_error = None
+        if not self._live_error:
+            self.status.protocol_error = None
         self.metrics.last_applied.set(self.state.last_applied_at or 0)
         self._update_lag()
 
@@ -415,15 +434,20 @@ class Subscriber:
         def on_bytes(data: bytes) -> None:
             self._arm_watchdog()
             try:
-                items = parser.feed(data)
-            except SSEParseError as exc:
-                self.status.protocol_error = f"unparseable SSE: {exc}"
-                raise StreamProtocolError(str(exc)) from None
-            for item in items:
-                if isinstance(item, SSEEvent):
-                    pending.append(item)
-            while pending:
-                self._sse_event(pending.pop(0))
+                try:
+                    items = parser.feed(data)
+                except SSEParseError as exc:
+                    self.status.protocol_error = f"unparseable SSE: {exc}"
+                    raise StreamProtocolError(str(exc)) from None
+                for item in items:
+                    if isinstance(item, SSEEvent):
+                        pending.append(item)
+                while pending:
+                    self._sse_event(pending.pop(0))
+                    self._live_ok()
+            except StreamProtocolError:
+                self._live_error = True
+                raise
 
         body_protocol = _SSEBody(on_bytes)
         self._body = body_protocol
@@ -459,8 +483,15 @@ class Subscriber:
                 self.status.protocol_error = f"bad control frame: {exc}"
                 raise StreamProtocolError(f"bad control frame: {exc}") from None
             if offset < 0:
+                self.status.protocol_error = "bad control frame offset"
                 raise StreamProtocolError("bad control frame offset")
+            self._went_live = True
             self._announce(offset)
+
+    def _live_ok(self) -> None:
+        """The live stream delivered something that parsed and applied."""
+        self._live_error = False
+        self.status.protocol_error = None
 
     def _arm_watchdog(self) -> None:
         timeout = 2 * self.ping_interval
@@ -481,12 +512,11 @@ class Subscriber:
             master=self.master,
             n=2 * self.ping_interval,
         )
-        self.metrics.reconnects.labels(reason="idle").inc()
         if self._body is not None:
             body, self._body = self._body, None
             body.abort()
             if not body.finished.called:
-                body.finished.errback(StreamProtocolError("idle: no byte for 2 ping intervals"))
+                body.finished.errback(IdleTimeoutError("idle: no byte for 2 ping intervals"))
 
     async def _long_poll(self, master: str) -> None:
         cursor: str | None = None
@@ -511,11 +541,16 @@ class Subscriber:
             cursor = values[0].decode("ascii", "replace") if values else None
             body = await self._body_bytes(response, REQUEST_TIMEOUT)
             next_offset = self._header_offset(response, b"stream-next-offset")
-            if response.code == 200:
-                self._apply_events(body, next_offset)
-            else:
-                self.state.apply([], next_offset)
-                self._applied()
+            try:
+                if response.code == 200:
+                    self._apply_events(body, next_offset)
+                else:
+                    self.state.apply([], next_offset)
+                    self._applied()
+            except StreamProtocolError:
+                self._live_error = True
+                raise
+            self._live_ok()
             self._announce(next_offset)
 
     # --- local bans ------------------------------------------------------------------------

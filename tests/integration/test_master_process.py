@@ -34,6 +34,7 @@ LISTENING = re.compile(
 BANS = 200
 IN_FLIGHT = 24
 KILL_AFTER = 100
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -266,6 +267,26 @@ def test_acknowledged_bans_survive_sigkill(tmp_path: Path, spawn: Any) -> None:
     in_snapshot = {entry["ip"]: entry["seq"] for entry in snapshot["bans"]}
     for ip, seq in acked.items():
         assert in_snapshot.get(ip) == seq, f"acknowledged ban {ip} missing from the snapshot"
+
+
+def test_form_posts_get_json_errors(tmp_path: Path, spawn: Any) -> None:
+    """Form bodies are not parsed by twisted.web: a broken multipart POST gets JSON 415, not 400."""
+    master = spawn(write_ini(tmp_path))
+    conn = master.connection()
+    try:
+        for content_type in FORM_TYPES:
+            conn.putrequest("POST", "/ban/ip")
+            conn.putheader("Authorization", f"Bearer {OPERATOR_TOKEN}")
+            conn.putheader("Content-Type", content_type)
+            conn.putheader("Content-Length", "9")
+            conn.endheaders(b"--x\r\njunk")
+            response = conn.getresponse()
+            body = response.read()
+            assert response.status == 415, body
+            assert response.getheader("Content-Type") == "application/json"
+            assert json.loads(body)["error"] == "unsupported_media_type"
+    finally:
+        conn.close()
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,537 @@
+"""The edge's reverse proxy resource: gate, cache seam, then the origin over pooled connections.
+
+ARCHITECTURE.md decision 5: :class:`EdgeProxyResource` keeps the shape of Twisted's
+``ReverseProxyResource`` (``host``, ``port``, ``path``, ``getChild``) but sends origin requests
+through :class:`edgeauth.edge.origin.OriginPool` instead of one HTTP/1.0 connection per request.
+
+Per request, :meth:`EdgeProxyResource.render`:
+
+1. refuses upgrades (an ``Upgrade`` other than ``h2c``, or ``CONNECT``) with 501
+   ``upgrade_not_supported``: tunnelling is not implemented, and passing an upgrade on as a
+   plain request would be wrong (an ``h2c`` offer is optional and is simply not taken up);
+2. asks the ``gate`` hook; a :class:`Refusal` is written and the origin never sees the request;
+3. offers the request to the ``cache`` seam (:class:`ResponseCache`);
+4. forwards it: hop-by-hop headers stripped both ways, repeated headers kept, ``Host`` set to the
+   origin (unless ``preserve_host``), ``X-Forwarded-For``/``Forwarded``/``X-Forwarded-Proto``
+   rebuilt (incoming values kept only when the peer is a trusted proxy), ``Via`` appended.
+
+The response streams back as it arrives. The origin call is registered as a push producer on the
+client request, so a slow client pauses reading from the origin; the request body, which Twisted
+has already received whole (spooled to a temporary file past 100 kB), is streamed to the origin
+paced by the origin socket. A client that goes away cancels the origin call (the connection is
+aborted, never pooled). Errors become JSON 502/504 with ``Cache-Control: no-store`` while no byte
+of the response was sent; after that, the client connection is aborted so a truncated body never
+looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
+from urllib.parse import quote
+
+import attrs
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+from twisted.web.server import NOT_DONE_YET, Request
+from typing_extensions import override
+from zope.interface import implementer
+
+from edgeauth.edge.origin import OriginCall, OriginError, OriginPool, OriginRequest
+
+with warnings.catch_warnings():
+    # twisted.web.proxy imports the deprecated HTTPClient for the stock ProxyClient we replace.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from twisted.web.proxy import ReverseProxyResource
+
+__all__ = [
+    "HOP_BY_HOP",
+    "BodySink",
+    "EdgeProxyResource",
+    "Gate",
+    "OnResponse",
+    "Refusal",
+    "ResponseCache",
+    "forwarded_node",
+    "origin_request_headers",
+    "trust_nobody",
+    "write_json",
+]
+
+_log = Logger()
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+"""Headers that concern one connection only (RFC 9110 section 7.6.1), never forwarded."""
+
+_VIA = b"1.1 edgeauth"
+_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+
+
+@attrs.frozen
+class Refusal:
+    """An answer the gate gives instead of proxying.
+
+    Attributes:
+        status: the HTTP status, e.g. 403.
+        body: the JSON body, e.g. ``{"error": "ip_banned", "ref": 42}``.
+        headers: extra response headers, e.g. ``WWW-Authenticate``.
+    """
+
+    status: int
+    body: Mapping[str, Any]
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+Gate = Callable[[Request], "Refusal | None"]
+"""Called before proxying; a :class:`Refusal` is written and the origin never sees the request."""
+
+OnResponse = Callable[[Request, int], None]
+"""Called with each origin status (not for the edge's own 5xx), e.g. to count failures."""
+
+
+class BodySink(Protocol):
+    """Receives a copy of one origin response body (the cache's way to store it)."""
+
+    def write(self, data: bytes) -> None:
+        """A piece of the body, as sent to the client."""
+
+    def finish(self) -> None:
+        """The body is complete and the client has it."""
+
+    def abort(self) -> None:
+        """The response failed or the client left: discard what was written."""
+
+
+class ResponseCache(Protocol):
+    """The cache seam (PROTOCOL.md section 6, "Cache"); no cache logic lives in this module."""
+
+    def lookup(self, request: Request) -> bool:
+        """Serve ``request`` from the cache if possible.
+
+        Returns:
+            True if the cache has taken the request (it will write and finish it, possibly later,
+            e.g. after a collapsed origin request); False to proxy it.
+        """
+
+    def observe(self, request: Request, status: int, headers: Headers) -> BodySink | None:
+        """See the head of an origin response about to be sent to the client.
+
+        Returns:
+            A sink for a copy of the body, or None not to store it.
+        """
+
+    def serve_on_error(self, request: Request, error: OriginError) -> bool:
+        """Offer a stale entry instead of the 502/504 for ``error`` (``stale-if-error``).
+
+        Returns:
+            True if the cache wrote (or will write and finish) the response.
+        """
+
+
+def trust_nobody(peer_ip: str) -> bool:
+    """The default ``is_trusted``: no peer is a trusted proxy."""
+    return False
+
+
+def forwarded_node(ip: str | None) -> bytes:
+    """Return an RFC 7239 node for ``ip``: bare IPv4, quoted and bracketed IPv6, ``unknown``."""
+    if ip is None:
+        return b"unknown"
+    if ":" in ip:
+        return b'"[' + ip.encode("ascii") + b']"'
+    return ip.encode("ascii")
+
+
+_TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+
+def _forwarded_value(value: bytes) -> bytes:
+    if value and all(c in _TCHAR for c in value):
+        return value
+    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def _peer_ip(request: Request) -> str | None:
+    address = request.getClientAddress()
+    if isinstance(address, IPv4Address | IPv6Address):
+        host = address.host
+        if host.startswith("::ffff:") and "." in host:
+            return host[7:]
+        return host
+    return None
+
+
+def _tokens(values: Iterable[bytes]) -> set[bytes]:
+    return {t.strip().lower() for v in values for t in v.split(b",")} - {b""}
+
+
+def origin_request_headers(
+    headers: Headers,
+    *,
+    peer: str | None,
+    is_trusted: Callable[[str], bool],
+    proto: bytes,
+    host: bytes | None,
+    via: bytes = _VIA,
+) -> tuple[list[tuple[bytes, bytes]], bool]:
+    """Build the headers sent to the origin for a client request's ``headers``.
+
+    Args:
+        headers: the client's request headers.
+        peer: the TCP peer's address (None if not an IP peer).
+        is_trusted: whether a peer address is a trusted proxy (consulted only when the request
+            carries forwarding headers).
+        proto: ``b"http"`` or ``b"https"``, how the client reached the edge.
+        host: the ``Host`` to send, or None to keep the client's.
+        via: this hop's ``Via`` entry.
+
+    Returns:
+        The headers in order (repeats kept, hop-by-hop and framing headers dropped), and whether
+        the client request declared a body (``Content-Length`` or ``Transfer-Encoding``).
+    """
+    connection = headers.getRawHeaders(b"connection")
+    listed = _tokens(connection) if connection else ()
+    out: list[tuple[bytes, bytes]] = [(b"Host", host)] if host is not None else []
+    xff: list[bytes] = []
+    forwarded: list[bytes] = []
+    vias: list[bytes] = []
+    xfp: list[bytes] = []
+    client_host: bytes | None = None
+    framed = False
+    for name, values in headers.getAllRawHeaders():
+        key = name.lower()
+        if key in HOP_BY_HOP or key in listed:
+            if key == b"transfer-encoding":
+                framed = True
+            continue
+        if key == b"host":
+            client_host = values[0]
+            if host is None:
+                out.insert(0, (b"Host", values[0]))
+        elif key == b"content-length":
+            framed = True
+        elif key == b"x-forwarded-for":
+            xff += values
+        elif key == b"forwarded":
+            forwarded += values
+        elif key == b"via":
+            vias += values
+        elif key == b"x-forwarded-proto":
+            xfp += values
+        elif key != b"expect":  # the edge already has the whole body
+            for value in values:
+                out.append((name, value))
+    trusted = peer is not None and bool(xff or forwarded or xfp) and is_trusted(peer)
+    peer_bytes = peer.encode("ascii") if peer is not None else None
+    if trusted and xff:
+        chain = b", ".join(xff)
+        out.append((b"X-Forwarded-For", chain + b", " + peer_bytes if peer_bytes else chain))
+    elif peer_bytes is not None:
+        out.append((b"X-Forwarded-For", peer_bytes))
+    element = b"for=" + forwarded_node(peer) + b";proto=" + proto
+    if client_host is not None:
+        element += b";host=" + _forwarded_value(client_host)
+    if trusted and forwarded:
+        element = b", ".join(forwarded) + b", " + element
+    out.append((b"Forwarded", element))
+    out.append((b"X-Forwarded-Proto", b", ".join(xfp) if trusted and xfp else proto))
+    out.append((b"Via", b", ".join([*vias, via])))
+    return out, framed
+
+
+def write_json(
+    request: Request,
+    status: int,
+    body: Mapping[str, Any],
+    headers: Iterable[tuple[bytes, bytes]] = (),
+) -> None:
+    """Answer ``request`` with a JSON body, ``Cache-Control: no-store``, and finish it."""
+    data = json.dumps(body, separators=(",", ":")).encode()
+    request.setResponseCode(status)
+    response = request.responseHeaders
+    response.setRawHeaders(b"Content-Type", [b"application/json"])
+    response.setRawHeaders(b"Cache-Control", [b"no-store"])
+    response.setRawHeaders(b"Content-Length", [b"%d" % len(data)])
+    for name, value in headers:
+        response.addRawHeader(name, value)
+    request.write(data)
+    request.finish()
+
+
+@attrs.define(kw_only=True)
+class _ProxyConfig:
+    pool: OriginPool
+    is_trusted: Callable[[str], bool]
+    gate: Gate | None
+    cache: ResponseCache | None
+    on_response: OnResponse | None
+    host: bytes | None
+    via: bytes
+
+
+class EdgeProxyResource(ReverseProxyResource):
+    """A ``ReverseProxyResource`` whose origin requests use pooled keep-alive connections.
+
+    Args:
+        host: the origin's host.
+        port: the origin's port.
+        path: the base path on the origin (no trailing slash), as for ``ReverseProxyResource``.
+        reactor: an ``IReactorTime`` that also provides ``IReactorTCP``.
+        pool: the origin connection pool; by default a new :class:`OriginPool` for
+            ``scheme://host:port``.
+        scheme: ``"http"`` or ``"https"`` (used when ``pool`` is not given).
+        is_trusted: ``is_trusted(peer_ip)``: whether the TCP peer is a trusted proxy whose
+            ``X-Forwarded-For``/``Forwarded``/``X-Forwarded-Proto`` are kept (the gate owns the
+            list).
+        gate: called before proxying; see :data:`Gate`.
+        cache: the cache seam; see :class:`ResponseCache`.
+        on_response: called with every origin status; see :data:`OnResponse`.
+        preserve_host: send the client's ``Host`` instead of the origin's ``host:port``.
+        via: this hop's ``Via`` entry, added to requests and responses.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        path: bytes,
+        reactor: IReactorTime,
+        *,
+        pool: OriginPool | None = None,
+        scheme: str = "http",
+        is_trusted: Callable[[str], bool] = trust_nobody,
+        gate: Gate | None = None,
+        cache: ResponseCache | None = None,
+        on_response: OnResponse | None = None,
+        preserve_host: bool = False,
+        via: bytes = _VIA,
+    ) -> None:
+        super().__init__(host, port, path, reactor)
+        if pool is None:
+            pool = OriginPool(reactor, scheme, host, port)
+        self._config = _ProxyConfig(
+            pool=pool,
+            is_trusted=is_trusted,
+            gate=gate,
+            cache=cache,
+            on_response=on_response,
+            host=None if preserve_host else pool.authority,
+            via=via,
+        )
+
+    @property
+    def pool(self) -> OriginPool:
+        """The origin connection pool (shared with every child)."""
+        return self._config.pool
+
+    @override
+    def getChild(self, path: bytes, request: Request) -> EdgeProxyResource:
+        """Return a proxy resource for ``self.path + "/" + path`` sharing this configuration."""
+        child = object.__new__(type(self))
+        child.__dict__.update(self.__dict__)
+        child.children = {}
+        child.path = self.path + b"/" + quote(path, safe="").encode("ascii")
+        return child
+
+    @override
+    def render(self, request: Request) -> Any:
+        """Gate, cache, then forward ``request`` to the origin; the response comes later."""
+        config = self._config
+        method = request.method
+        if method == b"CONNECT" or request.requestHeaders.hasHeader(b"upgrade"):
+            offered = _tokens(request.requestHeaders.getRawHeaders(b"upgrade", []))
+            if method == b"CONNECT" or offered - {b"h2c"}:
+                write_json(
+                    request,
+                    501,
+                    {
+                        "error": "upgrade_not_supported",
+                        "detail": "the edge does not tunnel upgraded or CONNECT connections",
+                    },
+                )
+                return NOT_DONE_YET
+        if config.gate is not None:
+            refusal = config.gate(request)
+            if refusal is not None:
+                write_json(request, refusal.status, refusal.body, refusal.headers)
+                return NOT_DONE_YET
+        if config.cache is not None and config.cache.lookup(request):
+            return NOT_DONE_YET
+        _ProxyExchange(config, request, self.path).start()
+        return NOT_DONE_YET
+
+
+@implementer(IPushProducer)
+class _ProxyExchange:
+    """Relays one origin response to one client request (the origin call's handler)."""
+
+    __slots__ = ("config", "request", "target", "call", "gone", "sink", "paused")
+
+    def __init__(self, config: _ProxyConfig, request: Request, path: bytes) -> None:
+        self.config = config
+        self.request = request
+        _, _, query = request.uri.partition(b"?")
+        path = path or b"/"
+        self.target = path + b"?" + query if query else path
+        self.call: OriginCall | None = None
+        self.gone = False
+        self.sink: BodySink | None = None
+        self.paused = False
+
+    def start(self) -> None:
+        request = self.request
+        config = self.config
+        headers, framed = origin_request_headers(
+            request.requestHeaders,
+            peer=_peer_ip(request),
+            is_trusted=config.is_trusted,
+            proto=b"https" if request.isSecure() else b"http",
+            host=config.host,
+            via=config.via,
+        )
+        content = request.content
+        body = None
+        length = None
+        if content is not None:
+            content.seek(0, 2)
+            length = content.tell()
+            content.seek(0)
+            if length:
+                body = content
+        if not length and not framed and request.method not in _BODY_METHODS:
+            length = None
+        origin_request = OriginRequest(
+            method=request.method,
+            target=self.target,
+            headers=headers,
+            body=body,
+            content_length=length,
+        )
+        request.registerProducer(self, True)
+        request.notifyFinish().addErrback(self._client_lost)
+        self.call = config.pool.request(origin_request, self)
+        if self.paused:
+            self.call.pauseProducing()
+
+    # -- IPushProducer, registered on the client request ----------------------------------------
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        if self.call is not None:
+            self.call.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if self.call is not None:
+            self.call.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._client_lost(None)
+
+    def _client_lost(self, reason: Failure | None) -> None:
+        if self.gone:
+            return
+        self.gone = True
+        if self.call is not None:
+            self.call.cancel()
+        if self.sink is not None:
+            self.sink.abort()
+            self.sink = None
+
+    def _alive(self) -> bool:
+        return not self.gone and self.request.channel is not None
+
+    # -- ResponseHandler ---------------------------------------------------------------------------
+
+    def response_started(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        request = self.request
+        if not self._alive():
+            return
+        listed: Iterable[bytes] = ()
+        for name, _ in headers:
+            if name == b"connection":
+                listed = _tokens(v for n, v in headers if n == b"connection")
+                break
+        response = Headers()
+        vias = []
+        has_date = False
+        for name, value in headers:
+            if name in HOP_BY_HOP or name in listed:
+                continue
+            if name == b"via":
+                vias.append(value)
+                continue
+            if name == b"date":
+                has_date = True
+            response.addRawHeader(name, value)
+        vias.append(self.config.via)
+        response.setRawHeaders(b"Via", [b", ".join(vias)])
+        if not has_date:
+            date = request.responseHeaders.getRawHeaders(b"date")
+            if date:
+                response.setRawHeaders(b"Date", date)
+        request.setResponseCode(status, reason or None)
+        request.responseHeaders = response
+        request.defaultContentType = None
+        request.write(b"")  # the head goes out now, even if the body is slow to come
+        config = self.config
+        if config.on_response is not None:
+            try:
+                config.on_response(request, status)
+            except Exception:
+                _log.failure("on_response hook failed")
+        if config.cache is not None:
+            self.sink = config.cache.observe(request, status, response)
+
+    def response_body(self, data: bytes) -> None:
+        if self._alive():
+            self.request.write(data)
+            if self.sink is not None:
+                self.sink.write(data)
+
+    def response_finished(self) -> None:
+        if not self._alive():
+            return
+        request = self.request
+        request.unregisterProducer()
+        request.finish()
+        if self.sink is not None:
+            self.sink.finish()
+            self.sink = None
+
+    def response_failed(self, error: OriginError) -> None:
+        if not self._alive():
+            return
+        request = self.request
+        request.unregisterProducer()
+        if self.sink is not None:
+            self.sink.abort()
+            self.sink = None
+        if request.startedWriting:
+            # The status line is out: only a broken connection tells the client it is incomplete.
+            self.gone = True
+            request.channel.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        cache = self.config.cache
+        if cache is not None and cache.serve_on_error(request, error):
+            return
+        write_json(request, error.status, {"error": error.kind, "detail": error.detail})

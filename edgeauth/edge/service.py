@@ -1,0 +1,264 @@
+"""``twistd edgeauth-edge``: options and the service that runs state, subscriber, proxy and admin.
+
+Start-up order matters: the SQLite file is loaded into memory before any listener opens, so a
+restarted edge enforces what it knew at once, even with every master down; then the subscriber
+starts, then the admin and proxy listeners. Stop runs in reverse.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+from urllib.parse import urlsplit
+
+from twisted.application import service
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IReactorCore
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.web.server import Request, Site
+
+from edgeauth.config import ConfigError, Settings, load_settings
+from edgeauth.edge.accesslog import EdgeSite, make_access_log
+from edgeauth.edge.admin import AdminResource
+from edgeauth.edge.clientip import TrustedProxies
+from edgeauth.edge.gate import Gate
+from edgeauth.edge.guard import RequestGuard
+from edgeauth.edge.metrics import EdgeMetrics
+from edgeauth.edge.origin import OriginPool
+from edgeauth.edge.proxy import EdgeProxyResource, Refusal
+from edgeauth.edge.state import EdgeState
+from edgeauth.edge.store import EdgeStore
+from edgeauth.edge.subscriber import Subscriber
+from edgeauth.events import IpBanned
+
+log = Logger()
+
+SWEEP_EVERY = 30.0
+
+_OVERRIDES = {
+    "id": "id",
+    "listen": "listen",
+    "admin-listen": "admin_listen",
+    "database": "database",
+    "origin": "origin",
+    "masters": "masters",
+}
+
+
+class Options(usage.Options):
+    """Command line of ``twistd edgeauth-edge`` (PROTOCOL.md §8)."""
+
+    optParameters = [
+        ["config", "c", None, "The ini file (etc/edgeauth.ini)."],
+        ["id", None, None, "This edge's name, overrides [edge] id."],
+        ["listen", None, None, "Proxy listener endpoint, overrides [edge] listen."],
+        ["admin-listen", None, None, "Admin listener endpoint, overrides [edge] admin_listen."],
+        ["database", None, None, "SQLite file, overrides [edge] database."],
+        ["origin", None, None, "Origin base URL, overrides [edge] origin."],
+        ["masters", None, None, "Comma-separated master URLs, overrides [edge] masters."],
+    ]
+
+    def postOptions(self) -> None:
+        """Load and validate the configuration now, so bad settings stop start-up."""
+        overrides = {
+            ("edge", key): self[option]
+            for option, key in _OVERRIDES.items()
+            if self[option] is not None
+        }
+        try:
+            self["settings"] = load_settings(self["config"], overrides, role="edge")
+        except ConfigError as exc:
+            raise usage.UsageError(str(exc)) from None
+
+
+def _origin_parts(url: str) -> tuple[str, str, int, bytes]:
+    parts = urlsplit(url)
+    scheme = parts.scheme
+    host = parts.hostname or "127.0.0.1"
+    port = parts.port or (443 if scheme == "https" else 80)
+    return scheme, host, port, parts.path.rstrip("/").encode()
+
+
+class EdgeService(service.Service):
+    """Owns the state, the subscriber, the origin pool and the two listeners of one edge."""
+
+    def __init__(self, settings: Settings, reactor: Any) -> None:
+        """Prepare the edge; nothing opens before :meth:`startService`."""
+        self.settings = settings
+        self.reactor = reactor
+        edge = settings.edge
+        self.metrics = EdgeMetrics()
+        self.store = EdgeStore(edge.database, reactor)
+        self.state = EdgeState(self.store, reactor, edge.id)
+        self.subscriber = Subscriber(
+            reactor,
+            self.state,
+            edge.masters,
+            edge.token,
+            edge.id,
+            self.metrics,
+            mode=edge.stream_mode,
+            ping_interval=edge.ping_interval,
+        )
+        scheme, host, port, path = _origin_parts(edge.origin)
+        self.origin_pool = OriginPool(
+            reactor,
+            scheme,
+            host,
+            port,
+            max_connections=edge.origin_max_connections,
+            connect_timeout=edge.origin_connect_timeout,
+            response_timeout=edge.origin_response_timeout,
+        )
+        self.trusted = TrustedProxies(edge.trusted_proxies)
+        share = self._share_ban if settings.failures.share_local_bans else None
+        self.gate = Gate.from_settings(self.state.indexes, settings, self._local_ban)
+        self.guard = RequestGuard(
+            self.gate,
+            self.trusted,
+            self.state,
+            self.metrics,
+            reactor,
+            fail_mode=edge.fail_mode,
+            share_ban=share,
+        )
+        self.proxy = EdgeProxyResource(
+            host,
+            port,
+            path,
+            reactor,
+            pool=self.origin_pool,
+            is_trusted=self.trusted.is_trusted,
+            gate=self._gate_hook,
+            on_response=self.guard.on_response,
+        )
+        self.port: IListeningPort | None = None
+        self.admin_port: IListeningPort | None = None
+        self.ready: Deferred[None] = Deferred()
+        self._sweeper: LoopingCall | None = None
+        self._starting: Deferred[None] | None = None
+        self._site: EdgeSite | None = None
+
+    def _local_ban(self, event: IpBanned) -> None:
+        self.guard.local_ban(event)
+
+    def _share_ban(self, event: IpBanned) -> None:
+        self.subscriber.report_ban(event)
+
+    def _gate_hook(self, request: Request) -> Refusal | None:
+        refusal = self.guard.check(request)
+        if refusal is None:
+            return None
+        return Refusal(refusal.status, json.loads(refusal.body), refusal.headers)
+
+    def build_site(self) -> EdgeSite:
+        """Return the proxy's HTTP site with the configured access log."""
+        edge = self.settings.edge
+        access_log = make_access_log(
+            edge.access_log,
+            self.reactor,
+            edge.access_log_path,
+            sample_every=edge.access_log_sample,
+        )
+        return EdgeSite(
+            self.proxy, reactor=self.reactor, access_log=access_log, timeout=edge.http_timeout
+        )
+
+    def build_admin_site(self) -> Site:
+        """Return the admin listener's site."""
+        admin = AdminResource(
+            self.state,
+            self.subscriber,
+            self.metrics,
+            self.reactor,
+            max_lag=self.settings.edge.max_lag,
+        )
+        site = Site(admin, reactor=self.reactor)
+        site.displayTracebacks = False
+        return site
+
+    async def start(self) -> None:
+        """Load the file, start the subscriber, then open the admin and proxy listeners."""
+        edge = self.settings.edge
+        await self.state.load()
+        self.subscriber.start()
+        self._sweeper = LoopingCall(self.state.sweep)
+        self._sweeper.clock = self.reactor
+        self._sweeper.start(SWEEP_EVERY, now=True).addErrback(
+            lambda f: log.failure("sweep loop stopped", f)
+        )
+        self.admin_port = await serverFromString(self.reactor, edge.admin_listen).listen(
+            self.build_admin_site()
+        )
+        self._site = self.build_site()
+        self.port = await serverFromString(self.reactor, edge.listen).listen(self._site)
+        log.info(
+            "edgeauth edge {id} proxying {address} to {origin}; admin on {admin}",
+            id=edge.id,
+            address=self.port.getHost(),
+            origin=edge.origin,
+            admin=self.admin_port.getHost(),
+        )
+
+    def startService(self) -> None:
+        """Start asynchronously; a failure to start stops the process with a clear message."""
+        super().startService()
+        d = Deferred.fromCoroutine(self.start())
+        self._starting = d
+
+        def started(_: object) -> None:
+            self.ready.callback(None)
+
+        def failed(failure: Any) -> None:
+            log.failure("edgeauth edge failed to start", failure)
+            self.ready.errback(failure)
+            if IReactorCore.providedBy(self.reactor) and self.reactor.running:
+                self.reactor.stop()
+
+        d.addCallbacks(started, failed)
+
+    async def stop(self) -> None:
+        """Close listeners, stop the subscriber, close the origin pool and the file."""
+        starting = self._starting
+        if starting is not None and not starting.called:
+            try:
+                await starting
+            except Exception:
+                pass
+        for attr in ("port", "admin_port"):
+            port = getattr(self, attr)
+            if port is not None:
+                await maybeDeferred(port.stopListening)
+                setattr(self, attr, None)
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
+        await self.subscriber.stop()
+        await self.origin_pool.close()
+        await self.store.close()
+
+    def stopService(self) -> Deferred[None]:
+        """Stop in reverse order of start."""
+        super().stopService()
+        return Deferred.fromCoroutine(self.stop())
+
+
+def makeService(options: Options) -> service.IService:
+    """Build the edge service for twistd."""
+    from twisted.internet import reactor
+
+    settings: Settings = options["settings"]
+    svc = EdgeService(settings, reactor)
+    svc.setName("edgeauth-edge")
+    return svc
+
+
+def main() -> None:  # pragma: no cover - convenience for `python -m edgeauth.edge.service`
+    """Run an edge in the foreground (same as ``twistd -n edgeauth-edge``)."""
+    from twisted.scripts.twistd import run
+
+    sys.argv = ["twistd", "-n", "edgeauth-edge", *sys.argv[1:]]
+    run()
