@@ -35,7 +35,7 @@ JWT_ALGORITHMS = frozenset(
     "HS256 HS384 HS512 RS256 RS384 RS512 PS256 PS384 PS512 ES256 ES384 ES512 EdDSA".split()
 )
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
-_RULE = re.compile(r"[a-z_][a-z0-9_]*\Z")
+_RULE = re.compile(r"[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*\Z")
 _HEADER = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _TOKEN_CHARS = re.compile(r"[\x21-\x7e]+\Z")
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}\Z")
