@@ -29,8 +29,9 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web import http
 from twisted.web.http import combinedLogFormatter, datetimeToLogString
-from twisted.web.server import Site
 from typing_extensions import override
+
+from edgeauth.sites import ClosingSite
 
 __all__ = [
     "ACCESS_LOG_MODES",
@@ -247,7 +248,7 @@ def make_access_log(
     return buffered if mode == "buffered" else SampledAccessLog(buffered, sample_every)
 
 
-class EdgeSite(Site):
+class EdgeSite(ClosingSite):
     """A ``Site`` that logs through an :class:`AccessLog` and leaves request bodies unparsed.
 
     Args:

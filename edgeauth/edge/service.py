@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IListeningPort, IReactorCore
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 
 from edgeauth.config import ConfigError, Settings, load_settings
 from edgeauth.edge.accesslog import EdgeSite, make_access_log
@@ -34,6 +34,7 @@ from edgeauth.edge.state import EdgeState
 from edgeauth.edge.store import EdgeStore
 from edgeauth.edge.subscriber import Subscriber
 from edgeauth.events import IpBanned
+from edgeauth.sites import ClosingSite
 
 log = Logger()
 
@@ -142,6 +143,7 @@ class EdgeService(service.Service):
         self._sweeper: LoopingCall | None = None
         self._starting: Deferred[None] | None = None
         self._site: EdgeSite | None = None
+        self._admin_site: ClosingSite | None = None
 
     def _local_ban(self, event: IpBanned) -> None:
         self.guard.local_ban(event)
@@ -168,7 +170,7 @@ class EdgeService(service.Service):
             self.proxy, reactor=self.reactor, access_log=access_log, timeout=edge.http_timeout
         )
 
-    def build_admin_site(self) -> Site:
+    def build_admin_site(self) -> ClosingSite:
         """Return the admin listener's site."""
         admin = AdminResource(
             self.state,
@@ -177,7 +179,7 @@ class EdgeService(service.Service):
             self.reactor,
             max_lag=self.settings.edge.max_lag,
         )
-        site = Site(admin, reactor=self.reactor)
+        site = ClosingSite(admin, reactor=self.reactor)
         site.displayTracebacks = False
         return site
 
@@ -191,8 +193,9 @@ class EdgeService(service.Service):
         self._sweeper.start(SWEEP_EVERY, now=True).addErrback(
             lambda f: log.failure("sweep loop stopped", f)
         )
+        self._admin_site = self.build_admin_site()
         self.admin_port = await serverFromString(self.reactor, edge.admin_listen).listen(
-            self.build_admin_site()
+            self._admin_site
         )
         self._site = self.build_site()
         self.port = await serverFromString(self.reactor, edge.listen).listen(self._site)
@@ -236,6 +239,10 @@ class EdgeService(service.Service):
                 setattr(self, attr, None)
         if self._sweeper is not None and self._sweeper.running:
             self._sweeper.stop()
+        if self._site is not None:
+            self._site.close_connections()
+        if self._admin_site is not None:
+            self._admin_site.close_connections()
         await self.subscriber.stop()
         await self.origin_pool.close()
         await self.store.close()

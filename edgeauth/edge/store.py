@@ -190,6 +190,17 @@ class EdgeStore:
 
         d.addErrback(failed).addBoth(next_batch)
 
+    def run_interaction(self, func: Any, *args: Any) -> Deferred[Any]:
+        """Run ``func(txn, *args)`` in the store's one connection (other write-behind users).
+
+        The response cache keeps its entries in the same file through this, so the file still
+        has exactly one connection.
+        """
+        if self._pool is None:
+            raise RuntimeError("the edge store is not open")
+        d: Deferred[Any] = self._pool.runInteraction(func, *args)
+        return d
+
     def flushed(self) -> Deferred[None]:
         """Fire once everything queued so far is written."""
         if self._writing is None and not self._queue:

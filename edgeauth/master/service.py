@@ -36,6 +36,7 @@ from edgeauth.master.stream import (
     SnapshotResource,
     StreamContext,
 )
+from edgeauth.sites import ClosingSite
 
 log = Logger()
 
@@ -98,8 +99,9 @@ class MasterService(service.Service):
         self.ready: Deferred[None] = Deferred()
         self._compactor: LoopingCall | None = None
         self._starting: Deferred[None] | None = None
+        self._site: ClosingSite | None = None
 
-    def build_site(self) -> Site:
+    def build_site(self) -> ClosingSite:
         """Return the HTTP site: stream resources plus the Klein operator API."""
         master = self.settings.master
         authority = TokenAuthority(self.settings.tokens)
@@ -124,7 +126,9 @@ class MasterService(service.Service):
                 b"/v1/snapshot": SnapshotResource(ctx),
             },
         )
-        site = Site(root, timeout=master.http_timeout, reactor=self.reactor, **_SITE_OPTIONS)
+        site = ClosingSite(
+            root, timeout=master.http_timeout, reactor=self.reactor, **_SITE_OPTIONS
+        )
         site.displayTracebacks = False
         return site
 
@@ -138,7 +142,8 @@ class MasterService(service.Service):
             lambda f: log.failure("compaction loop stopped", f)
         )
         endpoint = serverFromString(self.reactor, self.settings.master.listen)
-        self.port = await endpoint.listen(self.build_site())
+        self._site = self.build_site()
+        self.port = await endpoint.listen(self._site)
         log.info(
             "edgeauth master listening on {address}, log {log_id} at seq {tail}",
             address=self.port.getHost(),
@@ -188,6 +193,8 @@ class MasterService(service.Service):
             await maybeDeferred(self.port.stopListening)
             self.port = None
         self.fanout.close_all()
+        if self._site is not None:
+            self._site.close_connections()
         await self.log.close()
 
     def stopService(self) -> Deferred[None]:

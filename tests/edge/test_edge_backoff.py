@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from support import EDGE_TOKEN
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
@@ -112,7 +113,7 @@ async def _start_loop(
         clock,
         state,
         masters,
-        "edge-token-for-tests",
+        EDGE_TOKEN,
         "edge-t",
         EdgeMetrics(),
         tail_probe_interval=1e9,

@@ -34,7 +34,9 @@ LOG_ID = "log-aaaa"
 EDGE = "edge-t"
 
 
-def ban(seq: int, ip: str, expires_at: float | None = None, source: str = "operator:ops") -> IpBanned:
+def ban(
+    seq: int, ip: str, expires_at: float | None = None, source: str = "operator:ops"
+) -> IpBanned:
     return IpBanned(
         seq=seq, timestamp=T0, source=source, ip=ip, reason=f"r{seq}", expires_at=expires_at
     )
@@ -51,7 +53,9 @@ def allow(seq: int, ip: str, expires_at: float | None = None) -> IpAllowed:
 
 
 def revoke(seq: int, jti: str, expires_at: float | None = None) -> TokenRevoked:
-    return TokenRevoked(seq=seq, timestamp=T0, source="operator:ops", jti=jti, expires_at=expires_at)
+    return TokenRevoked(
+        seq=seq, timestamp=T0, source="operator:ops", jti=jti, expires_at=expires_at
+    )
 
 
 def revoke_sub(seq: int, sub: str, before: float) -> SubjectRevoked:
@@ -269,9 +273,7 @@ async def test_unknown_event_type_skipped_and_logged_once(rig: Rig) -> None:
         with capturedLogs() as captured:
             state.apply(future, 4)
             state.apply([UnknownEvent(seq=5, timestamp=T0, type="quota_set", body={})], 5)
-        warned = [
-            e.get("type") for e in captured if "unknown type" in str(e.get("log_format", ""))
-        ]
+        warned = [e.get("type") for e in captured if "unknown type" in str(e.get("log_format", ""))]
         assert sorted(warned) == ["other_thing", "quota_set"]
         assert state.offset == 5
         assert refused_by(state, "192.0.2.1", T0) == 2
@@ -424,7 +426,11 @@ async def test_local_ban_persisted_and_reloaded(rig: Rig) -> None:
         assert state.synced and state.offset == 3 and state.log_id == LOG_ID
         assert refused_by(state, "2001:db8:9:9::1", T0) == 0
         (entry,) = list(state.indexes.bans)
-        assert (entry.source, entry.reason, entry.expires_at) == (f"edge:{EDGE}", "failures", T0 + 600)
+        assert (entry.source, entry.reason, entry.expires_at) == (
+            f"edge:{EDGE}",
+            "failures",
+            T0 + 600,
+        )
     finally:
         await rig.close()
 
@@ -489,7 +495,9 @@ async def test_flushed_then_reopen_gives_same_state(rig: Rig) -> None:
         bans=[{"ip": "10.0.0.0/8", "reason": "s", "expires_at": None, "source": "o", "seq": 90}],
         revoked_subjects=[{"sub": "bob", "before": T0 - 5}],
     )
-    state.apply([ban(101, "192.0.2.1/32", T0 + 3600), allow(102, "10.1.0.0/16"), revoke(103, "j")], 103)
+    state.apply(
+        [ban(101, "192.0.2.1/32", T0 + 3600), allow(102, "10.1.0.0/16"), revoke(103, "j")], 103
+    )
     state.add_local_ban(IpBanned(ip="198.51.100.1/32", reason="l", expires_at=T0 + 600))
     expected = view(state.indexes.to_state())
     await rig.store.flushed()  # type: ignore[union-attr]

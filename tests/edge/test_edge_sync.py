@@ -7,7 +7,6 @@ and then misbehave on the live stream.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -432,7 +431,7 @@ async def test_new_log_id_rebootstraps(tmp_path: Path, new_events: int) -> None:
             lambda: state.log_id == new_id and state.offset == tail(new_master), 5.0, "rebootstrap"
         )
         assert edge.snapshots() == 1
-        assert edge.view() == await new_master_view(new_master)
+        assert edge.view() == await master_view(new_master)
         assert edge.refuses("198.51.100.1") is None
         assert edge.refuses("192.0.2.1") is not None
     finally:
@@ -441,16 +440,12 @@ async def test_new_log_id_rebootstraps(tmp_path: Path, new_events: int) -> None:
         await new_master.stop()
 
 
-async def new_master_view(master: RunningMaster) -> dict[str, list[dict[str, Any]]]:
-    return await master_view(master)
-
-
 # --- 5: 410 ----------------------------------------------------------------------------------
 
 
 @pytest_twisted.ensureDeferred
 async def test_expired_offset_rebootstraps(tmp_path: Path) -> None:
-    """After retention removed the edge's offset, catch-up answers 410 and the edge re-bootstraps."""
+    """Once retention removed the edge's offset, catch-up gets 410 and the edge re-bootstraps."""
     master = await start_master(tmp_path, retention_events=5)
     ops = Ops(master)
     edge = EdgeRig(tmp_path, [master.url], rng=QuickRandom())
@@ -576,9 +571,7 @@ class Admin:
 
     def __init__(self, edge: EdgeRig, max_lag: float) -> None:
         assert edge.state is not None and edge.sub is not None
-        self.resource = AdminResource(
-            edge.state, edge.sub, edge.metrics, reactor, max_lag=max_lag
-        )
+        self.resource = AdminResource(edge.state, edge.sub, edge.metrics, reactor, max_lag=max_lag)
         self.port: IListeningPort | None = None
         self.client: Client | None = None
 
@@ -820,9 +813,11 @@ class CopiedAnswers:
 
 
 class FakeMaster(Resource):
-    """A real HTTP server that answers snapshot, catch-up and HEAD as the master did, then
-    misbehaves on ``live=sse``: ``garbage`` sends an unparseable data frame and keeps the
-    connection open; ``stalled`` sends only pings while HEAD announces a tail far ahead."""
+    """A real HTTP server: snapshot, catch-up and HEAD as the master answered, then a bad live SSE.
+
+    ``garbage`` sends an unparseable data frame and keeps the connection open; ``stalled`` sends
+    only pings while HEAD announces a tail far ahead.
+    """
 
     isLeaf = True
 
