@@ -635,9 +635,7 @@ def load_settings(
         tokens.append(entry)
 
     built = {
-        section: _build(
-            cls, section, raw.get(section, {}), env, resolve=role != "master"
-        )
+        section: _build(cls, section, raw.get(section, {}), env, resolve=role != "master")
         for section, cls in _SECTIONS.items()
         if section != "ttl"
     }

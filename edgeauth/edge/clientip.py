@@ -243,6 +243,10 @@ def client_ip(
         The client address (IPv4-mapped IPv6 as IPv4, IPv6 compressed); ``peer`` unchanged if it is
         not an address at all (e.g. a UNIX socket).
     """
+    if not trusted and ":" not in peer:
+        # What the two returns below give for such a peer, without parsing it a first time
+        # (the gate parses the client address anyway): an IPv4 peer, or not an address.
+        return peer
     parsed = parse_client_ip(peer)
     if parsed is None:
         return peer

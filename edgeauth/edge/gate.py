@@ -35,8 +35,6 @@ _UNAUTHORIZED_HEADERS = (_JSON, _NO_STORE, _BEARER_INVALID)
 _BANNED_HEADERS = (_JSON, _NO_STORE)
 _INVALID_BODY = b'{"error":"invalid_token"}'
 _REVOKED_BODY = b'{"error":"token_revoked"}'
-_ODD_PATH = re.compile(r"%|\\|;|//|/\.")
-"""A path with any of these may mean something else once an origin decodes it."""
 
 
 @attrs.frozen(kw_only=True)
@@ -71,6 +69,15 @@ def _normal_path(path: str) -> str:
             segments.append(segment)
     trailing = "/" if decoded.endswith(("/", "/.", "/..")) and segments else ""
     return "/" + "/".join(segments) + trailing
+
+
+def _is_odd(text: str) -> bool:
+    """Whether a path may mean something else once an origin decodes it.
+
+    It holds ``%``, a backslash, ``;``, ``//`` or ``/.`` (five substring tests are about twice
+    as fast as one regex search with these alternatives).
+    """
+    return "%" in text or "\\" in text or ";" in text or "//" in text or "/." in text
 
 
 class Gate:
@@ -154,10 +161,12 @@ class Gate:
         match = self._protected
         if match is None:
             return False
-        text = path.split(b"?", 1)[0].split(b"#", 1)[0].decode("latin-1")
+        if 63 in path or 35 in path:  # b"?", b"#": most paths have neither
+            path = path.split(b"?", 1)[0].split(b"#", 1)[0]
+        text = path.decode("latin-1")
         if match(text) is not None:
             return True
-        return _ODD_PATH.search(text) is not None and match(_normal_path(text)) is not None
+        return _is_odd(text) and match(_normal_path(text)) is not None
 
     def check(
         self,

@@ -15,7 +15,9 @@ What Agent's ``HTTP11ClientProtocol`` and ``HTTPConnectionPool`` gave for free i
 - HEAD responses carry no body whatever their ``Content-Length``; 1xx interim responses are
   skipped; a ``101 Switching Protocols`` fails the exchange (upgrades are not proxied);
 - ``Content-Length``, chunked and read-until-close bodies, delivered as they arrive;
-- request bodies streamed from a file-like object, paced by the origin socket;
+- request bodies streamed to the origin, ``Content-Length`` or chunked: from a file-like object
+  (a spooled body, replayable), paced by the origin socket, or from a :class:`BodyStream` fed
+  while the client is still sending, whose source is paused when the origin does not keep up;
 - a connection goes back to the pool only after the whole response was read and the origin
   allows keep-alive.
 
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import IO, ClassVar, Protocol
 
 import attrs
@@ -40,7 +42,8 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.error import ConnectionDone, TimeoutError
+from twisted.internet.error import ConnectionDone
+from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
@@ -48,6 +51,7 @@ from twisted.internet.interfaces import (
     IPushProducer,
     IReactorTime,
     IStreamClientEndpoint,
+    ITCPTransport,
 )
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
@@ -57,6 +61,7 @@ from zope.interface import implementer
 __all__ = [
     "IDEMPOTENT_METHODS",
     "BadGatewayError",
+    "BodyStream",
     "OriginCall",
     "OriginError",
     "OriginPool",
@@ -72,6 +77,7 @@ IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b
 """Methods that may be sent twice (RFC 9110 section 9.2.2)."""
 
 _CHUNK = 65536
+_MAX_HEAD = 65536  # bytes of status lines and headers per response, interim ones included
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -113,7 +119,8 @@ class OriginRequest:
         target: the request target (path and query).
         headers: the headers to send, in order, repeats kept; no framing headers
             (``Content-Length``/``Transfer-Encoding``), those follow from the fields below.
-        body: the body to stream, read from its current position; None for no body.
+        body: None for no body; a file-like object read from its current position (replayable
+            if seekable); or a :class:`BodyStream` still being written (never replayable).
         content_length: sent as ``Content-Length`` when not None (``0`` with no body is
             allowed); a body without a length is sent chunked.
     """
@@ -121,13 +128,16 @@ class OriginRequest:
     method: bytes
     target: bytes
     headers: Sequence[tuple[bytes, bytes]]
-    body: IO[bytes] | None = None
+    body: IO[bytes] | BodyStream | None = None
     content_length: int | None = None
 
     @property
     def retryable(self) -> bool:
         """Whether sending this request twice is safe: idempotent, body replayable."""
-        return self.method in IDEMPOTENT_METHODS and (self.body is None or self.body.seekable())
+        body = self.body
+        return self.method in IDEMPOTENT_METHODS and (
+            body is None or (not isinstance(body, BodyStream) and body.seekable())
+        )
 
 
 class ResponseHandler(Protocol):
@@ -167,7 +177,10 @@ class OriginCall:
         self._state = _QUEUED
         self._paused = False
         self._retried = False
-        self._body_start = request.body.tell() if request.body is not None else 0
+        body = request.body
+        self._body_start = (
+            body.tell() if body is not None and not isinstance(body, BodyStream) else 0
+        )
         self._last_activity = pool.clock.seconds()
         self._timer: IDelayedCall | None = pool.clock.callLater(
             pool.response_timeout, self._check_timeout
@@ -215,6 +228,9 @@ class OriginCall:
             if self._timer.active():
                 self._timer.cancel()
             self._timer = None
+        body = self.request.body
+        if isinstance(body, BodyStream):
+            body._detach()  # let the client finish sending, even if no connection ever took it
 
     def _check_timeout(self) -> None:
         self._timer = None
@@ -273,8 +289,13 @@ class _OriginProtocol(protocol.Protocol):
         self.until_close = False
         self.garbage = False
         self.failure: str | None = None
-        self.upload: _BodyProducer | None = None
+        self.head_size = 0
+        self.upload: _BodyProducer | BodyStream | None = None
         self.lost = False
+
+    def connectionMade(self) -> None:  # noqa: D102
+        if ITCPTransport.providedBy(self.transport):
+            self.transport.setTcpNoDelay(True)  # type: ignore[union-attr]
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -287,6 +308,7 @@ class _OriginProtocol(protocol.Protocol):
         self.state = _HEAD
         self.got_bytes = self.garbage = self.until_close = False
         self.failure = None
+        self.head_size = 0
         self.headers = []
         self.reason = b""
         request = call.request
@@ -306,6 +328,11 @@ class _OriginProtocol(protocol.Protocol):
             parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
         else:
             parts.append(b"\r\n")
+        if isinstance(body, BodyStream):
+            transport.write(b"".join(parts))
+            self.upload = body
+            body._attach(self, chunked=length is None)
+            return
         if body is not None and length is not None and length <= _CHUNK:
             try:
                 body.seek(call._body_start)
@@ -350,6 +377,8 @@ class _OriginProtocol(protocol.Protocol):
             upload.stopped = True
             if self.transport is not None and not self.lost:
                 self.transport.unregisterProducer()  # type: ignore[attr-defined]
+            if isinstance(upload, BodyStream):
+                upload._detach()
 
     # -- bytes from the origin ---------------------------------------------------------------
 
@@ -374,6 +403,13 @@ class _OriginProtocol(protocol.Protocol):
         except HttpParserError as exc:
             if self.call is not call:
                 return
+            cause = exc.__context__
+            if cause is not None and not isinstance(cause, _StopParsingError):
+                _log.failure(
+                    "relaying an origin response failed",
+                    Failure(cause, type(cause), cause.__traceback__),
+                )
+                self.failure = "the edge failed to relay the response"
             if self.state != _COMPLETE:
                 self.fail(
                     BadGatewayError(self.failure or f"invalid response from the origin: {exc}")
@@ -392,10 +428,18 @@ class _OriginProtocol(protocol.Protocol):
 
     def on_status(self, status: bytes) -> None:  # noqa: D102
         self.reason += status
+        self._count_head(len(status))
 
     def on_header(self, name: bytes, value: bytes) -> None:  # noqa: D102
+        self._count_head(len(name) + len(value))
         if self.state == _HEAD:  # trailers (after the body) are dropped
             self.headers.append((name.lower(), value))
+
+    def _count_head(self, size: int) -> None:
+        self.head_size += size + 4
+        if self.head_size > _MAX_HEAD:
+            self.failure = f"origin response head (or trailers) over {_MAX_HEAD} bytes"
+            raise _StopParsingError
 
     def on_headers_complete(self) -> None:  # noqa: D102
         if self.parser is None or self.call is None:
@@ -457,7 +501,7 @@ class _OriginProtocol(protocol.Protocol):
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: D102
         self.lost = True
         call, self.call = self.call, None
-        self.upload = None
+        self._stop_upload()
         if call is None:
             self.pool._lost(self, None)
             return
@@ -522,6 +566,120 @@ class _BodyProducer:
 
     def stopProducing(self) -> None:
         self.stopped = True
+
+
+@implementer(IPushProducer)
+class BodyStream:
+    """A request body still arriving from the client, sent to the origin as it comes.
+
+    The proxy calls :meth:`write` for each piece and :meth:`finish` at the end. Until an origin
+    connection takes the request, up to ``high_water`` bytes are held; past that, and whenever
+    the origin socket's buffer is full (this object is the push producer of that socket), the
+    source is paused: a slow origin stops the edge reading the client. A request with a stream
+    body is never retried. Once the call ends (answered, failed or cancelled) the source is
+    resumed and later pieces are discarded, so the client can finish sending.
+
+    Args:
+        pause_source: stop reading the client.
+        resume_source: read the client again.
+        high_water: bytes held while no origin connection takes them.
+    """
+
+    def __init__(
+        self,
+        pause_source: Callable[[], None],
+        resume_source: Callable[[], None],
+        *,
+        high_water: int = _CHUNK,
+    ) -> None:
+        self._pause_source = pause_source
+        self._resume_source = resume_source
+        self.high_water = high_water
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._proto: _OriginProtocol | None = None
+        self._chunked = False
+        self._source_paused = False
+        self.finished = False
+        """Whether :meth:`finish` was called."""
+        self.closed = False
+        """Whether the origin stopped taking the body (sent, or the call ended)."""
+        self.stopped = False
+
+    def write(self, data: bytes) -> None:
+        """Send (or hold) the next piece of the body."""
+        if self.closed or not data:
+            return
+        proto = self._proto
+        if proto is None:
+            self._pending.append(data)
+            self._pending_size += len(data)
+            if self._pending_size > self.high_water:
+                self.pauseProducing()
+            return
+        self._send(proto, data)
+
+    def finish(self) -> None:
+        """The body is complete."""
+        self.finished = True
+        if self._proto is not None and not self.closed:
+            self._end(self._proto)
+
+    def _send(self, proto: _OriginProtocol, data: bytes) -> None:
+        assert proto.transport is not None
+        if self._chunked:
+            proto.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+        else:
+            proto.transport.write(data)
+        if proto.call is not None:
+            proto.call._touch()
+
+    def _attach(self, proto: _OriginProtocol, *, chunked: bool) -> None:
+        if self.closed:
+            return
+        self._proto = proto
+        self._chunked = chunked
+        assert proto.transport is not None
+        if self._source_paused:  # paused for the queue; the socket decides from now on
+            self.resumeProducing()
+        proto.transport.registerProducer(self, True)  # type: ignore[attr-defined]
+        pending, self._pending, self._pending_size = self._pending, [], 0
+        for data in pending:
+            self._send(proto, data)
+        if self.finished:
+            self._end(proto)
+
+    def _end(self, proto: _OriginProtocol) -> None:
+        if self._chunked:
+            assert proto.transport is not None
+            proto.transport.write(b"0\r\n\r\n")
+        proto._stop_upload()
+
+    def _detach(self) -> None:
+        self._proto = None
+        self.closed = True
+        self._pending = []
+        if self._source_paused:
+            self._source_paused = False
+            self._resume_source()
+
+    def pauseProducing(self) -> None:
+        """Stop reading the client (the origin is not taking more)."""
+        if not self._source_paused and not self.closed:
+            self._source_paused = True
+            self._pause_source()
+
+    def resumeProducing(self) -> None:
+        """Read the client again."""
+        if self._source_paused:
+            self._source_paused = False
+            if self._proto is not None and self._proto.call is not None:
+                self._proto.call._touch()
+            self._resume_source()
+
+    def stopProducing(self) -> None:
+        """The origin connection is gone."""
+        self._detach()
 
 
 class _OriginFactory(protocol.Factory):
@@ -666,7 +824,7 @@ class OriginPool:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _dispatch(self, call: OriginCall) -> None:
+    def _dispatch(self, call: OriginCall, *, front: bool = False) -> None:
         idle = self._idle
         if idle:
             now = self.clock.seconds()
@@ -679,6 +837,9 @@ class OriginPool:
                 proto.close_idle()
         if self._open < self.max_connections:
             self._connect(call)
+        elif front:
+            call._state = _QUEUED
+            self._waiting.appendleft(call)
         else:
             call._state = _QUEUED
             self._waiting.append(call)
@@ -703,7 +864,7 @@ class OriginPool:
     def _on_connect_failed(self, failure: Failure, call: OriginCall) -> None:
         self._open -= 1
         where = f"{self.host}:{self.port}"
-        if failure.check(TimeoutError):
+        if failure.check(ConnectTimeoutError):
             detail = f"connecting to {where} timed out after {self.connect_timeout:g}s"
         else:
             detail = f"cannot connect to {where}: {failure.getErrorMessage()}"
@@ -768,7 +929,7 @@ class OriginPool:
         while waiting and (self._idle or self._open < self.max_connections):
             call = waiting.popleft()
             if not call.done:
-                self._dispatch(call)
+                self._dispatch(call, front=True)
 
     def _check_closed(self) -> None:
         if self._closed and self._open == 0:

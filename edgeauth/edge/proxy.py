@@ -16,12 +16,14 @@ Per request, :meth:`EdgeProxyResource.render`:
    rebuilt (incoming values kept only when the peer is a trusted proxy), ``Via`` appended.
 
 The response streams back as it arrives. The origin call is registered as a push producer on the
-client request, so a slow client pauses reading from the origin; the request body, which Twisted
-has already received whole (spooled to a temporary file past 100 kB), is streamed to the origin
-paced by the origin socket. A client that goes away cancels the origin call (the connection is
-aborted, never pooled). Errors become JSON 502/504 with ``Cache-Control: no-store`` while no byte
-of the response was sent; after that, the client connection is aborted so a truncated body never
-looks complete.
+client request, so a slow client pauses reading from the origin. Request bodies go to the origin
+as a stream too: with :class:`EdgeRequest` as the site's request factory, a large or chunked body
+is forwarded while it arrives and a slow origin pauses reading the client; a short body (or any
+body without :class:`EdgeRequest`) is read whole by Twisted first and then sent from its spool,
+paced by the origin socket, and stays replayable for a retry. A client that goes away cancels the
+origin call (the connection is aborted, never pooled). Errors become JSON 502/504 with
+``Cache-Control: no-store`` while no byte of the response was sent; after that, the client
+connection is aborted so a truncated body never looks complete.
 """
 
 from __future__ import annotations
@@ -29,20 +31,22 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol
-from urllib.parse import quote
+from typing import IO, Any, ClassVar, Protocol
+from urllib.parse import quote, unquote_to_bytes
 
 import attrs
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import datetimeToString, parse_qs
 from twisted.web.http_headers import Headers
 from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import version as server_version
 from typing_extensions import override
 from zope.interface import implementer
 
-from edgeauth.edge.origin import OriginCall, OriginError, OriginPool, OriginRequest
+from edgeauth.edge.origin import BodyStream, OriginCall, OriginError, OriginPool, OriginRequest
 
 with warnings.catch_warnings():
     # twisted.web.proxy imports the deprecated HTTPClient for the stock ProxyClient we replace.
@@ -53,6 +57,7 @@ __all__ = [
     "HOP_BY_HOP",
     "BodySink",
     "EdgeProxyResource",
+    "EdgeRequest",
     "Gate",
     "OnResponse",
     "Refusal",
@@ -159,11 +164,12 @@ def forwarded_node(ip: str | None) -> bytes:
     return ip.encode("ascii")
 
 
-_TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+_TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
 def _forwarded_value(value: bytes) -> bytes:
-    if value and all(c in _TCHAR for c in value):
+    """Return ``value`` as an RFC 7239 token if it is one, else as a quoted string."""
+    if value and not value.translate(None, _TCHAR):
         return value
     return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
@@ -235,7 +241,7 @@ def origin_request_headers(
             vias += values
         elif key == b"x-forwarded-proto":
             xfp += values
-        elif key != b"expect":  # the edge already has the whole body
+        elif key != b"expect":  # Twisted answers 100-continue itself
             for value in values:
                 out.append((name, value))
     trusted = peer is not None and bool(xff or forwarded or xfp) and is_trusted(peer)
@@ -367,15 +373,129 @@ class EdgeProxyResource(ReverseProxyResource):
                     },
                 )
                 return NOT_DONE_YET
-        if config.gate is not None:
+        refusal = getattr(request, "edge_refusal", None)
+        if refusal is None and config.gate is not None:
             refusal = config.gate(request)
-            if refusal is not None:
-                write_json(request, refusal.status, refusal.body, refusal.headers)
-                return NOT_DONE_YET
+        if refusal is not None:
+            write_json(request, refusal.status, refusal.body, refusal.headers)
+            return NOT_DONE_YET
         if config.cache is not None and config.cache.lookup(request):
             return NOT_DONE_YET
         _ProxyExchange(config, request, self.path).start()
         return NOT_DONE_YET
+
+    def stream_request(self, request: EdgeRequest, length: int | None) -> BodyStream | None:
+        """Start proxying ``request`` before its body is in (called by :class:`EdgeRequest`).
+
+        Returns:
+            The stream to write the body to, or None to take the usual path once the body is in
+            (upgrades, GET/HEAD when a cache is configured, gate refusals, which are kept on the
+            request so that the gate is asked once).
+        """
+        config = self._config
+        if request.method == b"CONNECT" or request.requestHeaders.hasHeader(b"upgrade"):
+            return None
+        if config.cache is not None and request.method in (b"GET", b"HEAD"):
+            return None
+        if config.gate is not None:
+            refusal = config.gate(request)
+            if refusal is not None:
+                request.edge_refusal = refusal
+                return None
+
+        def pause() -> None:
+            if request.channel is not None and request.channel.transport is not None:
+                request.channel.transport.pauseProducing()  # type: ignore[attr-defined]
+
+        def resume() -> None:
+            if request.channel is not None and request.channel.transport is not None:
+                request.channel.transport.resumeProducing()  # type: ignore[attr-defined]
+
+        stream = BodyStream(pause, resume)
+        _ProxyExchange(config, request, self.path).start(stream, length)
+        return stream
+
+
+class EdgeRequest(Request):
+    """A ``Request`` whose large or chunked body streams to the origin while it arrives.
+
+    Twisted renders a resource only once the whole request body is in (spooled to a temporary
+    file past 100 kB). For a body of unknown length or longer than ``stream_threshold``, this
+    request looks its resource up as soon as the headers are in; an :class:`EdgeProxyResource`
+    that takes it (:meth:`EdgeProxyResource.stream_request`) starts the origin request at once
+    and the body follows piece by piece, so a slow origin pauses reading the client. Everything
+    else, and short bodies (kept replayable, so they can be retried), takes Twisted's usual path.
+
+    Use it as the site's ``requestFactory``. The early lookup reads the request line that
+    ``HTTPChannel`` keeps until the body is complete (``_command``, ``_path``, ``_version``);
+    where those are missing (HTTP/2), the usual path is taken.
+    """
+
+    stream_threshold: ClassVar[int] = 65536
+    edge_refusal: Refusal | None = None
+    body_stream: BodyStream | None = None
+    _body_complete = False
+    _finish_pending = False
+
+    @override
+    def gotLength(self, length: int | None) -> None:
+        """Set up the body spool, or stream the body if the resource takes it."""
+        super().gotLength(length)
+        if length is not None and length <= self.stream_threshold:
+            return
+        channel = self.channel
+        command = getattr(channel, "_command", None)
+        uri = getattr(channel, "_path", None)
+        version = getattr(channel, "_version", None)
+        site = getattr(channel, "site", None)
+        if not (
+            isinstance(command, bytes) and isinstance(uri, bytes) and isinstance(version, bytes)
+        ):
+            return
+        if site is None:
+            return
+        self.method, self.uri, self.clientproto = command, uri, version
+        self.path = uri.split(b"?", 1)[0]
+        self.prepath = []
+        self.postpath = [unquote_to_bytes(p) for p in self.path[1:].split(b"/")]
+        try:
+            resource = site.getResourceFor(self)
+        except Exception:
+            return
+        if isinstance(resource, EdgeProxyResource):
+            self.setHeader(b"Server", server_version)
+            self.setHeader(b"Date", datetimeToString())
+            self.body_stream = resource.stream_request(self, length)
+
+    @override
+    def handleContentChunk(self, data: bytes) -> None:
+        """Pass a piece of the body on to the stream, or spool it."""
+        if self.body_stream is not None:
+            self.body_stream.write(data)
+        else:
+            super().handleContentChunk(data)
+
+    @override
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        """The body is complete: end the stream, or render as usual."""
+        stream = self.body_stream
+        if stream is None:
+            super().requestReceived(command, path, version)
+            return
+        self._body_complete = True
+        _, _, query = self.uri.partition(b"?")
+        self.args = parse_qs(query, 1) if query else {}
+        stream.finish()
+        if self._finish_pending:
+            super().finish()
+
+    @override
+    def finish(self) -> None:
+        """Finish, once the channel has read the whole body (an early answer waits for it)."""
+        if self.body_stream is not None and not self._body_complete:
+            self._finish_pending = True
+            return
+        super().finish()
 
 
 @implementer(IPushProducer)
@@ -395,7 +515,7 @@ class _ProxyExchange:
         self.sink: BodySink | None = None
         self.paused = False
 
-    def start(self) -> None:
+    def start(self, stream: BodyStream | None = None, stream_length: int | None = None) -> None:
         request = self.request
         config = self.config
         headers, framed = origin_request_headers(
@@ -406,16 +526,18 @@ class _ProxyExchange:
             host=config.host,
             via=config.via,
         )
-        content = request.content
-        body = None
+        body: IO[bytes] | BodyStream | None = None
         length = None
-        if content is not None:
+        content = request.content
+        if stream is not None:
+            body, length = stream, stream_length
+        elif content is not None:
             content.seek(0, 2)
             length = content.tell()
             content.seek(0)
             if length:
                 body = content
-        if not length and not framed and request.method not in _BODY_METHODS:
+        if not length and body is None and not framed and request.method not in _BODY_METHODS:
             length = None
         origin_request = OriginRequest(
             method=request.method,

@@ -155,7 +155,14 @@ class EdgeService(service.Service):
         refusal = self.guard.check(request)
         if refusal is None:
             return None
-        return Refusal(refusal.status, json.loads(refusal.body), refusal.headers)
+        # The proxy's write_json sets Content-Type and Cache-Control itself and *adds* the
+        # extra headers: passing the gate's copies too would send each of them twice.
+        extra = tuple(
+            (name, value)
+            for name, value in refusal.headers
+            if name.lower() not in (b"content-type", b"cache-control")
+        )
+        return Refusal(refusal.status, json.loads(refusal.body), extra)
 
     def build_site(self) -> EdgeSite:
         """Return the proxy's HTTP site with the configured access log."""

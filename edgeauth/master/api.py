@@ -57,10 +57,13 @@ _WRITES: Mapping[str, tuple[str, Collection[str]]] = {
 
 
 def _json(request: IRequest, status: int, doc: Any) -> bytes:
+    body = json.dumps(doc, separators=(",", ":")).encode()
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"cache-control", b"no-store")
-    return json.dumps(doc, separators=(",", ":")).encode()
+    # A known length spares HTTP/1.1 chunking (about a tenth of a ban's CPU, bench/master_append).
+    request.setHeader(b"content-length", b"%d" % len(body))
+    return body
 
 
 class OperatorAPI:
@@ -303,6 +306,18 @@ class OperatorAPI:
         if exc.status == 401:
             request.setHeader(b"www-authenticate", b'Bearer realm="edgeauth"')
         return error_body(exc.code, exc.detail, **exc.extra)
+
+    @app.handle_errors(Exception)
+    def _unexpected(self, request: IRequest, failure: Failure) -> bytes:
+        """Answer any other exception with a JSON 500 (never an HTML traceback page)."""
+        if isinstance(failure.value, NotFound):
+            return _json(request, 404, {"error": "not_found", "detail": "no such route"})
+        if isinstance(failure.value, MethodNotAllowed):
+            return _json(
+                request, 405, {"error": "method_not_allowed", "detail": "method not allowed here"}
+            )
+        log.failure("unexpected error in {path}", failure, path=getattr(request, "path", b""))
+        return _json(request, 500, {"error": "internal_error", "detail": "unexpected error"})
 
     @app.handle_errors(NotFound)
     def _not_found(self, request: IRequest, failure: Failure) -> bytes:

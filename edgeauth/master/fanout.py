@@ -277,6 +277,7 @@ class Fanout:
 
     def _committed(self, records: Sequence[LogRecord]) -> None:
         self.metrics.log_tail.set(records[-1].seq)
+        self.metrics.commit_group_size.observe(len(records))
         frames: dict[str, bytes] = {}
         for sub in list(self.subscribers):
             if not sub.live or sub.closed:

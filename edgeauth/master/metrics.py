@@ -37,7 +37,6 @@ class MasterMetrics:
     slow_consumers: Counter = attrs.field(init=False)
     log_tail: Gauge = attrs.field(init=False)
     log_earliest: Gauge = attrs.field(init=False)
-    api_requests: Counter = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         r = self.registry
@@ -87,12 +86,6 @@ class MasterMetrics:
         self.log_tail = Gauge("edgeauth_master_log_tail_seq", "Seq of the last event", registry=r)
         self.log_earliest = Gauge(
             "edgeauth_master_log_earliest_seq", "Seq of the oldest retained event", registry=r
-        )
-        self.api_requests = Counter(
-            "edgeauth_master_api_requests",
-            "Operator API requests by route and status",
-            ["route", "status"],
-            registry=r,
         )
 
     def render(self) -> bytes:
