@@ -307,18 +307,6 @@ class OperatorAPI:
             request.setHeader(b"www-authenticate", b'Bearer realm="edgeauth"')
         return error_body(exc.code, exc.detail, **exc.extra)
 
-    @app.handle_errors(Exception)
-    def _unexpected(self, request: IRequest, failure: Failure) -> bytes:
-        """Answer any other exception with a JSON 500 (never an HTML traceback page)."""
-        if isinstance(failure.value, NotFound):
-            return _json(request, 404, {"error": "not_found", "detail": "no such route"})
-        if isinstance(failure.value, MethodNotAllowed):
-            return _json(
-                request, 405, {"error": "method_not_allowed", "detail": "method not allowed here"}
-            )
-        log.failure("unexpected error in {path}", failure, path=getattr(request, "path", b""))
-        return _json(request, 500, {"error": "internal_error", "detail": "unexpected error"})
-
     @app.handle_errors(NotFound)
     def _not_found(self, request: IRequest, failure: Failure) -> bytes:
         return _json(request, 404, {"error": "not_found", "detail": "no such route"})
@@ -332,6 +320,12 @@ class OperatorAPI:
         return _json(
             request, 405, {"error": "method_not_allowed", "detail": "method not allowed here"}
         )
+
+    @app.handle_errors(Exception)
+    def _unexpected(self, request: IRequest, failure: Failure) -> bytes:
+        """Answer any other exception with a JSON 500 (never an HTML page); registered last."""
+        log.failure("unexpected error in {path}", failure, path=getattr(request, "path", b""))
+        return _json(request, 500, {"error": "internal_error", "detail": "unexpected error"})
 
 
 def _reject_constant(name: str) -> Any:
