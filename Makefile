@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEPS   := $(VENV)/.deps-installed
 
-.PHONY: run test lint typecheck install bench clean
+.PHONY: run demo test lint typecheck install bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,19 +27,15 @@ typecheck: $(DEPS)
 test: install lint typecheck
 	$(BIN)/python -m pytest -q
 
-TOKENS := var/operator.token var/edge.token var/reader.token
+# A master, three edges and a demo origin on 127.0.0.1 (tokens, ini, databases and logs under
+# var/); prints a "try this" block; Ctrl-C stops everything. ARGS="--ports auto" picks free ports.
+run: install
+	$(BIN)/python -m edgeauth.demo run $(ARGS)
 
-var/%.token:
-	@mkdir -p var
-	@$(BIN)/python -c 'import secrets; print(secrets.token_hex(24))' > $@
-
-# The master with demo tokens (under var/) on 127.0.0.1:4000; Ctrl-C stops it.
-run: install $(TOKENS)
-	@echo "operator token: $$(cat var/operator.token)   (export TOKEN=$$(cat var/operator.token))"
-	EDGEAUTH_OPERATOR_TOKEN=$$(cat var/operator.token) \
-	EDGEAUTH_EDGE_TOKEN=$$(cat var/edge.token) \
-	EDGEAUTH_READER_TOKEN=$$(cat var/reader.token) \
-	$(BIN)/twistd --nodaemon --pidfile= edgeauth-master --config etc/edgeauth.ini
+# The same processes on fresh databases, then a scripted tour (ban, 403 on every edge with the
+# measured propagation time, invalidation, MISS/HIT); exits 0 when every step did what it shows.
+demo: install
+	$(BIN)/python -m edgeauth.demo tour $(ARGS)
 
 bench: install
 	$(BIN)/python bench/master_append.py

@@ -376,6 +376,8 @@ def main() -> None:
     verdict = "meets" if m64 >= GOAL_64 else "misses"
     print(f"goal >= {GOAL_64:.0f}/s at 64 clients: {verdict} ({m64:.0f}/s)")
 
+    print(f"load at the end {os.getloadavg()} (other processes share these CPUs)")
+
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--serve-baseline"]:

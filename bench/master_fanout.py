@@ -418,6 +418,8 @@ def main() -> None:
         f"({per_sub:.1f} KiB at N={largest}, the least noisy estimate)"
     )
 
+    print(f"load at the end {os.getloadavg()} (other processes share these CPUs)")
+
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--serve-baseline"]:

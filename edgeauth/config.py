@@ -194,6 +194,39 @@ def _cidr(text: str) -> str:
     return str(net)
 
 
+def _client_role(text: str) -> tuple[str, str]:
+    """Parse one ``CN=<common name>:<role>`` item of ``[master] tls_client_roles``."""
+    subject, sep, role = text.rpartition(":")
+    name, eq, value = subject.partition("=")
+    if not sep or not eq or name.strip().upper() != "CN" or not value.strip():
+        raise _BadValueError(f"expected 'CN=<common name>:<role>', got {text!r}")
+    if role.strip() not in TOKEN_ROLES:
+        raise _BadValueError(f"the role must be one of {', '.join(TOKEN_ROLES)}, got {text!r}")
+    return value.strip(), role.strip()
+
+
+def database_error(exc: BaseException, path: str, *, file: str | None, section: str) -> ConfigError:
+    """Describe a database that cannot be opened as a :class:`ConfigError` on ``database``.
+
+    The services call this when opening ``[master]``/``[edge] database`` fails at start-up, so an
+    unusable path (a parent that is a file, a read-only or missing mount, a corrupt file) stops
+    the process with the same one line as any other bad setting.
+
+    Args:
+        exc: what opening raised (``OSError`` or ``sqlite3.Error``).
+        path: the configured database path.
+        file: the ini file the path came from, or :data:`COMMAND_LINE`.
+        section: ``master`` or ``edge``.
+    """
+    if isinstance(exc, NotADirectoryError | FileExistsError) and exc.filename:
+        why = f"{exc.filename!r} is not a directory"
+    elif isinstance(exc, OSError) and exc.strerror:
+        why = exc.strerror + (f": {exc.filename!r}" if exc.filename else "")
+    else:
+        why = str(exc) or type(exc).__name__
+    return ConfigError(f"cannot open {path!r}: {why}", file=file, section=section, key="database")
+
+
 def _check_token(token: str) -> str:
     if not _TOKEN_CHARS.match(token):
         raise _BadValueError("the token must be printable ASCII without spaces")
@@ -229,6 +262,11 @@ class MasterSettings:
         ping_interval: seconds between SSE keep-alive comments.
         max_subscriber_buffer: bytes buffered for one slow subscriber before it is dropped.
         http_timeout: idle timeout of HTTP connections (``Site`` timeout) in seconds.
+        tls_client_ca: PEM file of the CA certificates that client certificates must chain to;
+            set, the ``ssl:`` listener asks clients for a certificate (mTLS).
+        tls_client_required: whether the TLS handshake fails without a valid client certificate.
+        tls_client_roles: ``(common name, role)`` pairs: a client whose verified certificate has
+            that subject CN is authorised with that role without a bearer token.
     """
 
     listen: str = _field("tcp:4000:interface=127.0.0.1", _endpoint)
@@ -243,6 +281,9 @@ class MasterSettings:
     ping_interval: float = _field(15.0, _POSITIVE)
     max_subscriber_buffer: int = _field(1_048_576, _number(int, 1))
     http_timeout: float = _field(60.0, _POSITIVE)
+    tls_client_ca: str | None = _field(None, _optional)
+    tls_client_required: bool = _field(False, _bool)
+    tls_client_roles: tuple[tuple[str, str], ...] = _field((), _comma_list(_client_role))
 
 
 @attrs.frozen(kw_only=True)
@@ -285,6 +326,11 @@ class EdgeSettings:
         origin_connect_timeout: seconds to connect to the origin (then 502).
         origin_response_timeout: seconds without progress from the origin (then 504).
         http_timeout: idle timeout of client connections (``Site`` timeout) in seconds.
+        tls_ca: PEM file of the CA certificates trusted for ``https://`` masters, instead of
+            the system's trust store.
+        tls_cert: PEM file of the client certificate presented to ``https://`` masters (it may
+            hold the private key and the chain too).
+        tls_key: PEM file of that certificate's private key, if not in ``tls_cert``.
     """
 
     id: str = _field("edge-a", _text(_NAME, "letters, digits, '.', '_' or '-'"))
@@ -308,6 +354,9 @@ class EdgeSettings:
     origin_connect_timeout: float = _field(5.0, _POSITIVE)
     origin_response_timeout: float = _field(30.0, _POSITIVE)
     http_timeout: float = _field(60.0, _POSITIVE)
+    tls_ca: str | None = _field(None, _optional)
+    tls_cert: str | None = _field(None, _optional)
+    tls_key: str | None = _field(None, _optional)
 
 
 @attrs.frozen(kw_only=True)
@@ -398,6 +447,18 @@ class TTLSettings:
 
 
 @attrs.frozen(kw_only=True)
+class LoggingSettings:
+    """``[logging]``: the format of the process log (both roles).
+
+    Attributes:
+        format: ``text`` (twistd's lines) or ``json`` (one JSON object a line); the twistd
+            option ``--json-logs`` selects ``json`` too.
+    """
+
+    format: str = _field("text", _choice("text", "json"))
+
+
+@attrs.frozen(kw_only=True)
 class Settings:
     """All settings of one ini file; each attribute but ``path`` is the section of its name.
 
@@ -414,11 +475,12 @@ class Settings:
     failures: FailureSettings = attrs.field(factory=FailureSettings)
     cache: CacheSettings = attrs.field(factory=CacheSettings)
     ttl: TTLSettings = attrs.field(factory=TTLSettings)
+    logging: LoggingSettings = attrs.field(factory=LoggingSettings)
 
 
 _SECTIONS: dict[str, type[Any]] = {
     name: type(getattr(Settings(), name))
-    for name in ("master", "edge", "gate", "failures", "cache", "ttl")
+    for name in ("master", "edge", "gate", "failures", "cache", "ttl", "logging")
 }
 
 
@@ -642,11 +704,51 @@ def load_settings(
     ttl = _build(TTLSettings, "ttl", raw.get("ttl", {}), env, params=MappingProxyType(params))
     settings = Settings(path=path, tokens=tuple(tokens), ttl=ttl, **built)
     _cross_check(settings, raw)
+    _check_tls_files(settings, raw, role)
     return settings
+
+
+def _check_tls_files(settings: Settings, raw: _Raw, role: str | None) -> None:
+    """Read the certificate files of the role being loaded (the other role's may be absent)."""
+    from edgeauth import tls
+
+    checks: list[tuple[str, str, str | None, Callable[[str], object]]] = []
+    if role in (None, "master"):
+        checks.append(("master", "tls_client_ca", settings.master.tls_client_ca, tls.load_cas))
+    if role in (None, "edge"):
+        edge = settings.edge
+        checks.append(("edge", "tls_ca", edge.tls_ca, tls.load_cas))
+        if edge.tls_cert is not None:
+            key_path = edge.tls_key
+            checks.append(
+                ("edge", "tls_cert", edge.tls_cert, lambda p: tls.load_private(p, key_path))
+            )
+    for section, name, value, load in checks:
+        if value is None:
+            continue
+        try:
+            load(value)
+        except tls.TLSFileError as exc:
+            raise _fail(str(exc), section, name, raw, settings.path) from None
 
 
 def _cross_check(settings: Settings, raw: _Raw) -> None:
     """Checks that involve more than one key."""
+    master, edge = settings.master, settings.edge
+    if master.tls_client_ca is None:
+        for key, value in (
+            ("tls_client_required", master.tls_client_required),
+            ("tls_client_roles", master.tls_client_roles),
+        ):
+            if value:
+                why = "needs tls_client_ca (the CA file of the client certificates)"
+                raise _fail(why, "master", key, raw, settings.path)
+    elif not master.listen.startswith("ssl:"):
+        why = f"needs an ssl: listener to verify client certificates, listen is {master.listen!r}"
+        raise _fail(why, "master", "tls_client_ca", raw, settings.path)
+    if edge.tls_key is not None and edge.tls_cert is None:
+        why = "needs tls_cert (the certificate of this key)"
+        raise _fail(why, "edge", "tls_key", raw, settings.path)
     gate, cache = settings.gate, settings.cache
     if gate.protect:
         given = bool(raw.get("gate", {}).get("jwt_secret", ("", ""))[0])

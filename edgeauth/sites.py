@@ -30,7 +30,10 @@ class ClosingSite(Site):
 
     def close_connections(self) -> None:
         """Abort every connection still open (responses in progress are cut)."""
-        for channel in list(self._channels):
+        for wrapper in list(self._channels):
+            # Site.buildProtocol returns a wrapper that picks HTTP/1.1 or HTTP/2; the channel
+            # that owns the transport is inside it.
+            channel = getattr(wrapper, "_channel", wrapper)
             transport = getattr(channel, "transport", None)
             if transport is None:
                 continue

@@ -18,7 +18,8 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import IAgentEndpointFactory, IResponse
+from zope.interface import implementer
 
 from edgeauth.config import Settings, load_settings
 from edgeauth.master.service import MasterService
@@ -350,3 +351,128 @@ class Origin:
     async def stop(self) -> None:
         """Stop listening."""
         await self.port.stopListening()
+
+
+# --- clients bound to a source address, edges with extra environment, waiting ------------------
+
+
+class _CountingEndpoint:
+    """A client endpoint that counts its connection attempts in ``owner.connects``."""
+
+    def __init__(self, endpoint: Any, owner: BoundEndpointFactory) -> None:
+        self.endpoint = endpoint
+        self.owner = owner
+
+    def connect(self, protocol_factory: Any) -> Deferred[Any]:
+        """Open one connection (and count it)."""
+        self.owner.connects += 1
+        d: Deferred[Any] = self.endpoint.connect(protocol_factory)
+        return d
+
+
+@implementer(IAgentEndpointFactory)
+class BoundEndpointFactory:
+    """An ``IAgentEndpointFactory`` whose TCP connections leave from ``bind_host``."""
+
+    def __init__(self, bind_host: str) -> None:
+        """Bind every client socket to ``bind_host`` (an IPv4 or IPv6 address), any port."""
+        self.bind_host = bind_host
+        self.connects = 0
+
+    def endpointForURI(self, uri: Any) -> _CountingEndpoint:  # noqa: N802 - Twisted's name
+        """Return a TCP endpoint to ``uri`` bound to ``bind_host``."""
+        from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+
+        host = uri.host.decode("ascii")
+        cls = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
+        endpoint = cls(reactor, host, uri.port, timeout=10, bindAddress=(self.bind_host, 0))
+        return _CountingEndpoint(endpoint, self)
+
+
+class BoundClient(Client):
+    """A :class:`Client` whose connections come from ``bind_host`` (e.g. ``127.0.0.2``)."""
+
+    def __init__(self, base_url: str, bind_host: str) -> None:
+        """Talk to ``base_url`` from ``bind_host``; ``.endpoints.connects`` counts connections."""
+        super().__init__(base_url)
+        self.endpoints = BoundEndpointFactory(bind_host)
+        self.agent = Agent.usingEndpointFactory(reactor, self.endpoints, pool=self.pool)
+        self.http = treq.client.HTTPClient(self.agent)
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        token: str | None = OPERATOR_TOKEN,
+        body: bytes | None = None,
+        json_body: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Reply:
+        """Send one request with the bare Agent (treq's URL handling breaks on ``[::1]``)."""
+        from io import BytesIO
+
+        from twisted.web.client import FileBodyProducer
+
+        all_headers = {**auth(token), **(headers or {})}
+        if json_body is not None:
+            body = json.dumps(json_body).encode()
+            all_headers.setdefault("Content-Type", "application/json")
+        raw = Headers({k.encode(): [v.encode()] for k, v in all_headers.items()})
+        producer = None if body is None else FileBodyProducer(BytesIO(body))
+        url = (self.base_url + path).encode("ascii")
+        response = await self.agent.request(method.encode("ascii"), url, raw, producer)
+        content = await treq.content(response)
+        return Reply(response.code, response.headers, content)
+
+
+async def start_edge_env(
+    tmp_path: Path,
+    name: str,
+    masters: str,
+    origin: str,
+    *,
+    environ: Mapping[str, str],
+    synced: bool = True,
+    **sections: Any,
+) -> RunningEdge:
+    """Like :func:`start_edge`, with ``environ`` added to :data:`TEST_ENV` (e.g. a JWT secret)."""
+    from edgeauth.edge.service import EdgeService
+
+    path = write_edge_ini(tmp_path, name, masters, origin, **sections)
+    settings = load_settings(str(path), environ={**TEST_ENV, **environ}, role="edge")
+    service = EdgeService(settings, reactor)
+    service.startService()
+    await service.ready
+    if synced:
+        waiter: Deferred[None] = Deferred()
+        service.subscriber.first_sync.addBoth(lambda r: (waiter.callback(None), r)[1])
+        waiter.addTimeout(10, reactor)
+        await waiter
+    return RunningEdge(service)
+
+
+async def wait_until(
+    condition: Callable[[], Any], what: str, timeout: float = 5.0, interval: float = 0.02
+) -> Any:
+    """Poll ``condition`` (sync or async) until it returns something truthy; return that.
+
+    Fails the test with ``what`` when ``timeout`` seconds pass first. Polls every ``interval``
+    seconds with ``deferLater``: no sleeping.
+    """
+    import inspect
+    import time
+
+    from twisted.internet.task import deferLater
+
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = condition()
+        if inspect.isawaitable(last):
+            last = await last
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+        await deferLater(reactor, interval, lambda: None)

@@ -88,6 +88,11 @@ class AdminResource(Resource):
         if path == b"/explain":
             return self._explain(request)
         if path == b"/metrics":
+            # Gauges that depend on the clock are set now, so that a scrape alone is current.
+            ready, _ = self.subscriber.readiness(self.max_lag)
+            self.metrics.ready.set(1 if ready else 0)
+            since = self.subscriber.status.behind_since
+            self.metrics.lag_seconds.set(0 if since is None else self.clock.seconds() - since)
             request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
             return self.metrics.render()
         return _json(request, 404, {"error": "not_found", "detail": "no such admin view"})

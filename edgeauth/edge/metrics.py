@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import attrs
 from prometheus_client import (
     CollectorRegistry,
@@ -31,6 +33,15 @@ class EdgeMetrics:
     local_bans: Counter = attrs.field(init=False)
     ready: Gauge = attrs.field(init=False)
     origin_responses: Counter = attrs.field(init=False)
+    cache_requests: Counter = attrs.field(init=False)
+    cache_invalidations: Counter = attrs.field(init=False)
+    cache_invalidated_entries: Counter = attrs.field(init=False)
+    cache_evictions: Counter = attrs.field(init=False)
+    cache_entries: Gauge = attrs.field(init=False)
+    cache_bytes: Gauge = attrs.field(init=False)
+    cache_refreshes: Gauge = attrs.field(init=False)
+    cache_refresh_queue: Gauge = attrs.field(init=False)
+    cache_fills: Gauge = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         r = self.registry
@@ -83,6 +94,61 @@ class EdgeMetrics:
             ["status"],
             registry=r,
         )
+        self._cache_metrics(r)
+
+    def _cache_metrics(self, r: CollectorRegistry) -> None:
+        self.cache_requests = Counter(
+            "edgeauth_edge_cache_requests",
+            "GET/HEAD and other requests by X-Cache result (hit, miss, stale, bypass)",
+            ["result"],
+            registry=r,
+        )
+        self.cache_invalidations = Counter(
+            "edgeauth_edge_cache_invalidations",
+            "cache_invalidated events applied, by kind (hard, soft)",
+            ["kind"],
+            registry=r,
+        )
+        self.cache_invalidated_entries = Counter(
+            "edgeauth_edge_cache_invalidated_entries",
+            "Cached entries dropped (hard) or marked stale (soft) by invalidations",
+            ["kind"],
+            registry=r,
+        )
+        self.cache_evictions = Counter(
+            "edgeauth_edge_cache_evictions", "Entries evicted by the LRU bounds", registry=r
+        )
+        self.cache_entries = Gauge(
+            "edgeauth_edge_cache_entries", "Cached entries (variants)", registry=r
+        )
+        self.cache_bytes = Gauge(
+            "edgeauth_edge_cache_bytes", "Bytes charged to cached entries", registry=r
+        )
+        self.cache_refreshes = Gauge(
+            "edgeauth_edge_cache_refreshes_in_flight", "Background refreshes running", registry=r
+        )
+        self.cache_refresh_queue = Gauge(
+            "edgeauth_edge_cache_refreshes_queued", "Background refreshes waiting", registry=r
+        )
+        self.cache_fills = Gauge(
+            "edgeauth_edge_cache_fills_in_flight", "Collapsed origin fills running", registry=r
+        )
+
+    def bind_cache(
+        self,
+        *,
+        entries: Callable[[], float],
+        size: Callable[[], float],
+        refreshing: Callable[[], float],
+        queued: Callable[[], float],
+        filling: Callable[[], float],
+    ) -> None:
+        """Read the cache gauges from the cache itself at each scrape."""
+        self.cache_entries.set_function(entries)
+        self.cache_bytes.set_function(size)
+        self.cache_refreshes.set_function(refreshing)
+        self.cache_refresh_queue.set_function(queued)
+        self.cache_fills.set_function(filling)
 
     def render(self) -> bytes:
         """Return every metric in the Prometheus text exposition format."""

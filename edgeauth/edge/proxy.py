@@ -105,7 +105,11 @@ class Refusal:
 
 
 Gate = Callable[[Request], "Refusal | None"]
-"""Called before proxying; a :class:`Refusal` is written and the origin never sees the request."""
+"""Called before proxying; a :class:`Refusal` is written and the origin never sees the request.
+
+With :class:`EdgeRequest`, it is called as soon as the headers are in for a streamed upload: it
+must not read ``request.content``.
+"""
 
 OnResponse = Callable[[Request, int], None]
 """Called with each origin status (not for the edge's own 5xx), e.g. to count failures."""
@@ -268,15 +272,24 @@ def write_json(
     body: Mapping[str, Any],
     headers: Iterable[tuple[bytes, bytes]] = (),
 ) -> None:
-    """Answer ``request`` with a JSON body, ``Cache-Control: no-store``, and finish it."""
+    """Answer ``request`` with a JSON body and finish it.
+
+    ``Content-Type: application/json`` and ``Cache-Control: no-store`` are set unless ``headers``
+    names them; ``headers`` are added as given (repeats kept).
+    """
     data = json.dumps(body, separators=(",", ":")).encode()
     request.setResponseCode(status)
     response = request.responseHeaders
-    response.setRawHeaders(b"Content-Type", [b"application/json"])
-    response.setRawHeaders(b"Cache-Control", [b"no-store"])
+    extra = list(headers)
+    named = {name.lower() for name, _ in extra}
+    if b"content-type" not in named:
+        response.setRawHeaders(b"Content-Type", [b"application/json"])
+    if b"cache-control" not in named:
+        response.setRawHeaders(b"Cache-Control", [b"no-store"])
+    for name, value in extra:
+        if name.lower() != b"content-length":
+            response.addRawHeader(name, value)
     response.setRawHeaders(b"Content-Length", [b"%d" % len(data)])
-    for name, value in headers:
-        response.addRawHeader(name, value)
     request.write(data)
     request.finish()
 
@@ -455,7 +468,8 @@ class EdgeRequest(Request):
         if site is None:
             return
         self.method, self.uri, self.clientproto = command, uri, version
-        self.path = uri.split(b"?", 1)[0]
+        self.path, _, query = uri.partition(b"?")
+        self.args = parse_qs(query, 1) if query else {}
         self.prepath = []
         self.postpath = [unquote_to_bytes(p) for p in self.path[1:].split(b"/")]
         try:
@@ -483,8 +497,6 @@ class EdgeRequest(Request):
             super().requestReceived(command, path, version)
             return
         self._body_complete = True
-        _, _, query = self.uri.partition(b"?")
-        self.args = parse_qs(query, 1) if query else {}
         stream.finish()
         if self._finish_pending:
             super().finish()
@@ -614,15 +626,16 @@ class _ProxyExchange:
         request.setResponseCode(status, reason or None)
         request.responseHeaders = response
         request.defaultContentType = None
-        request.write(b"")  # the head goes out now, even if the body is slow to come
         config = self.config
+        if config.cache is not None:
+            # Before the head goes out, so the cache can label it (X-Cache) and strip its tags.
+            self.sink = config.cache.observe(request, status, response)
+        request.write(b"")  # the head goes out now, even if the body is slow to come
         if config.on_response is not None:
             try:
                 config.on_response(request, status)
             except Exception:
                 _log.failure("on_response hook failed")
-        if config.cache is not None:
-            self.sink = config.cache.observe(request, status, response)
 
     def response_body(self, data: bytes) -> None:
         if self._alive():

@@ -7,7 +7,10 @@ starts, then the admin and proxy listeners. Stop runs in reverse.
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
+import sqlite3
 import sys
 from typing import Any
 from urllib.parse import urlsplit
@@ -15,15 +18,18 @@ from urllib.parse import urlsplit
 from twisted.application import service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IReactorCore
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Request
 
-from edgeauth.config import ConfigError, Settings, load_settings
+from edgeauth import logs, tls
+from edgeauth.config import COMMAND_LINE, ConfigError, Settings, database_error, load_settings
 from edgeauth.edge.accesslog import EdgeSite, make_access_log
 from edgeauth.edge.admin import AdminResource
+from edgeauth.edge.cache import EdgeCache
 from edgeauth.edge.clientip import TrustedProxies
 from edgeauth.edge.gate import Gate
 from edgeauth.edge.guard import RequestGuard
@@ -33,6 +39,7 @@ from edgeauth.edge.proxy import EdgeProxyResource, Refusal
 from edgeauth.edge.state import EdgeState
 from edgeauth.edge.store import EdgeStore
 from edgeauth.edge.subscriber import Subscriber
+from edgeauth.edge.ttl import TTLPipeline
 from edgeauth.events import IpBanned
 from edgeauth.sites import ClosingSite
 
@@ -62,6 +69,9 @@ class Options(usage.Options):
         ["origin", None, None, "Origin base URL, overrides [edge] origin."],
         ["masters", None, None, "Comma-separated master URLs, overrides [edge] masters."],
     ]
+    optFlags = [
+        ["json-logs", None, "Log JSON lines (as [logging] format = json)."],
+    ]
 
     def postOptions(self) -> None:
         """Load and validate the configuration now, so bad settings stop start-up."""
@@ -74,6 +84,8 @@ class Options(usage.Options):
             self["settings"] = load_settings(self["config"], overrides, role="edge")
         except ConfigError as exc:
             raise usage.UsageError(str(exc)) from None
+        log_format = "json" if self["json-logs"] else self["settings"].logging.format
+        logs.select_for_twistd(self, log_format)
 
 
 def _origin_parts(url: str) -> tuple[str, str, int, bytes]:
@@ -86,6 +98,10 @@ def _origin_parts(url: str) -> tuple[str, str, int, bytes]:
 
 class EdgeService(service.Service):
     """Owns the state, the subscriber, the origin pool and the two listeners of one edge."""
+
+    CATCH_UP_WAIT = 5.0
+    """Longest a restarted edge with cached entries waits for its first catch-up before it
+    opens the proxy listener (it opens anyway after that; see ``_wait_for_catch_up``)."""
 
     def __init__(self, settings: Settings, reactor: Any) -> None:
         """Prepare the edge; nothing opens before :meth:`startService`."""
@@ -104,6 +120,7 @@ class EdgeService(service.Service):
             self.metrics,
             mode=edge.stream_mode,
             ping_interval=edge.ping_interval,
+            tls_policy=tls.client_policy(edge),
         )
         scheme, host, port, path = _origin_parts(edge.origin)
         self.origin_pool = OriginPool(
@@ -127,6 +144,7 @@ class EdgeService(service.Service):
             fail_mode=edge.fail_mode,
             share_ban=share,
         )
+        self.cache = self._build_cache(settings, path)
         self.proxy = EdgeProxyResource(
             host,
             port,
@@ -135,6 +153,7 @@ class EdgeService(service.Service):
             pool=self.origin_pool,
             is_trusted=self.trusted.is_trusted,
             gate=self._gate_hook,
+            cache=self.cache,
             on_response=self.guard.on_response,
         )
         self.port: IListeningPort | None = None
@@ -144,6 +163,64 @@ class EdgeService(service.Service):
         self._starting: Deferred[None] | None = None
         self._site: EdgeSite | None = None
         self._admin_site: ClosingSite | None = None
+        self.database_source: str | None = settings.path
+        """The ini file (or ``<command line>``) that set ``[edge] database``, for errors."""
+
+    def _build_cache(self, settings: Settings, path: bytes) -> EdgeCache | None:
+        """The response cache (PROTOCOL.md §6), hooked to invalidations and bootstraps."""
+        if not settings.cache.enabled:
+            return None
+        ttl = settings.ttl
+        cache = EdgeCache(
+            self.reactor,
+            self.origin_pool,
+            settings.cache,
+            TTLPipeline.from_settings(ttl.rules, ttl.params, ttl.max_ttl),
+            run_interaction=self.store.run_interaction,
+            log_id=lambda: self.state.log_id,
+            base_path=path,
+            origin_host=self.origin_pool.authority,
+            is_trusted=self.trusted.is_trusted,
+            client_ip=self.guard.client_ip,
+            metrics=self.metrics,
+        )
+        self.state.cache_listeners.append(cache.invalidate_event)
+        self.state.reset_listeners.append(cache.reset)
+        return cache
+
+    def _confirm_cache(self, result: object) -> object:
+        if self.cache is not None:
+            self.cache.confirm()
+        return result
+
+    async def _wait_for_catch_up(self) -> None:
+        """Hold the proxy listener until the first catch-up, when cached entries were loaded.
+
+        Entries read from the file may have been invalidated while the edge was down; they are
+        used unverified only after a revalidation (see :mod:`edgeauth.edge.cache`), so waiting
+        for the catch-up (bounded by ``CATCH_UP_WAIT``: a master outage must not keep the edge
+        down) is what lets a restarted edge serve HITs at once.
+        """
+        cache = self.cache
+        if cache is None or cache.confirmed:
+            return
+        waiter: Deferred[None] = Deferred()
+
+        def synced(result: object) -> object:
+            if not waiter.called:
+                waiter.callback(None)
+            return result
+
+        self.subscriber.first_sync.addBoth(synced)
+        waiter.addTimeout(self.CATCH_UP_WAIT, self.reactor)
+        try:
+            await waiter
+        except Exception:
+            log.warn(
+                "no catch-up with the master within {s}s: cached entries stay unverified "
+                "(revalidated with the origin before use) until it comes",
+                s=self.CATCH_UP_WAIT,
+            )
 
     def _local_ban(self, event: IpBanned) -> None:
         self.guard.local_ban(event)
@@ -179,12 +256,15 @@ class EdgeService(service.Service):
 
     def build_admin_site(self) -> ClosingSite:
         """Return the admin listener's site."""
+        cache = self.cache
         admin = AdminResource(
             self.state,
             self.subscriber,
             self.metrics,
             self.reactor,
             max_lag=self.settings.edge.max_lag,
+            explain_url=None if cache is None else cache.explain_url,
+            cache_entries=None if cache is None else cache.entry_count,
         )
         site = ClosingSite(admin, reactor=self.reactor)
         site.displayTracebacks = False
@@ -193,7 +273,14 @@ class EdgeService(service.Service):
     async def start(self) -> None:
         """Load the file, start the subscriber, then open the admin and proxy listeners."""
         edge = self.settings.edge
-        await self.state.load()
+        try:
+            await self.state.load()
+        except (OSError, sqlite3.Error) as exc:
+            where = self.database_source
+            raise database_error(exc, edge.database, file=where, section="edge") from None
+        if self.cache is not None:
+            await self.cache.load(self.state.log_id)
+            self.subscriber.first_sync.addCallback(self._confirm_cache)
         self.subscriber.start()
         self._sweeper = LoopingCall(self.state.sweep)
         self._sweeper.clock = self.reactor
@@ -204,6 +291,7 @@ class EdgeService(service.Service):
         self.admin_port = await serverFromString(self.reactor, edge.admin_listen).listen(
             self._admin_site
         )
+        await self._wait_for_catch_up()
         self._site = self.build_site()
         self.port = await serverFromString(self.reactor, edge.listen).listen(self._site)
         log.info(
@@ -224,10 +312,16 @@ class EdgeService(service.Service):
             self.ready.callback(None)
 
         def failed(failure: Any) -> None:
-            log.failure("edgeauth edge failed to start", failure)
+            if failure.check(ConfigError, CannotListenError, OSError, sqlite3.Error):
+                # An operating problem (port taken, unusable database path): one line says it.
+                why = failure.getErrorMessage()
+                log.critical("edgeauth edge failed to start: {why}", why=why)
+            else:
+                log.failure("edgeauth edge failed to start", failure)
             self.ready.errback(failure)
-            if IReactorCore.providedBy(self.reactor) and self.reactor.running:
-                self.reactor.stop()
+            if IReactorCore.providedBy(self.reactor):
+                # The failure may come before the reactor runs (twistd starts services first).
+                self.reactor.callWhenRunning(self.reactor.stop)
 
         d.addCallbacks(started, failed)
 
@@ -252,6 +346,8 @@ class EdgeService(service.Service):
             self._admin_site.close_connections()
         await self.subscriber.stop()
         await self.origin_pool.close()
+        if self.cache is not None:
+            await self.cache.close()
         await self.store.close()
 
     def stopService(self) -> Deferred[None]:
@@ -266,8 +362,23 @@ def makeService(options: Options) -> service.IService:
 
     settings: Settings = options["settings"]
     svc = EdgeService(settings, reactor)
+    if options["database"] is not None:
+        svc.database_source = COMMAND_LINE
     svc.setName("edgeauth-edge")
+    svc.ready.addErrback(_exit_status_one)
     return svc
+
+
+def _exit_status_one(_: object) -> None:
+    """Make twistd end with status 1 after its orderly shutdown (twistd has no exit-status API)."""
+
+    def leave() -> None:
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            if stream is not None:
+                stream.flush()
+        os._exit(1)
+
+    atexit.register(leave)
 
 
 def main() -> None:  # pragma: no cover - convenience for `python -m edgeauth.edge.service`

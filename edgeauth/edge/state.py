@@ -146,12 +146,11 @@ class EdgeState:
     async def load(self) -> None:
         """Read the SQLite file into the indexes (before any listener opens)."""
         stored = await self.store.open()
-        tables = stored.tables
         self.indexes.replace_from_snapshot(
-            bans=[_entry(r) for r in tables["bans"]],
-            allows=[_entry(r) for r in tables["allows"]],
-            revoked_tokens=[(r["jti"], r["expires_at"]) for r in tables["revoked_tokens"]],
-            revoked_subjects=[(r["sub"], r["before"]) for r in tables["revoked_subjects"]],
+            bans=stored.bans,
+            allows=stored.allows,
+            revoked_tokens=stored.revoked_tokens,
+            revoked_subjects=stored.revoked_subjects,
         )
         self.log_id = stored.log_id
         self.offset = stored.offset
@@ -189,13 +188,13 @@ class EdgeState:
             if isinstance(event, CacheInvalidated):
                 for listener in self.cache_listeners:
                     listener(event)
-            else:
-                log.info(
-                    "applied {type} seq {seq} from {source}",
-                    type=name,
-                    seq=event.seq,
-                    source=event.source,
-                )
+            log.info(
+                "applied {type} seq {seq} from {source}",
+                type=name,
+                seq=event.seq,
+                source=event.source,
+                edge=self.edge_id,
+            )
         new_offset = max(next_offset, fresh[-1].seq if fresh else self.offset)
         moved = new_offset > self.offset
         self.offset = max(self.offset, new_offset)
@@ -266,7 +265,13 @@ class EdgeState:
             return existing
         self.indexes.bans.put(entry)
         self.store.write_entry("bans", entry)
-        log.info("local ban of {ip} ({reason})", ip=entry.ip, reason=entry.reason)
+        log.info(
+            "local ban of {ip} ({reason}) by {source}",
+            ip=entry.ip,
+            reason=entry.reason,
+            source=entry.source,
+            edge=self.edge_id,
+        )
         return entry
 
     def sweep(self) -> int:

@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import IPolicyForHTTPS, IResponse
 
 from edgeauth.edge.metrics import EdgeMetrics
 from edgeauth.edge.state import EdgeState, SnapshotError
@@ -132,8 +132,14 @@ class Subscriber:
         tail_probe_interval: float = 5.0,
         rng: random.Random | None = None,
         agent: Agent | None = None,
+        tls_policy: IPolicyForHTTPS | None = None,
     ) -> None:
-        """Follow ``masters`` (tried in order with failover) for ``state``."""
+        """Follow ``masters`` (tried in order with failover) for ``state``.
+
+        ``tls_policy`` decides how ``https://`` masters are verified and which client
+        certificate is presented (:func:`edgeauth.tls.client_policy`); Twisted's default policy
+        (the system's trust store, no client certificate) when None.
+        """
         if not masters:
             raise ValueError("at least one master URL is needed")
         self.reactor = reactor
@@ -152,7 +158,10 @@ class Subscriber:
             self.headers.setRawHeaders(b"Authorization", [f"Bearer {token}".encode()])
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = 4
-        self._agent = agent or Agent(reactor, pool=self._pool, connectTimeout=10)
+        if agent is None:
+            extra: dict[str, Any] = {} if tls_policy is None else {"contextFactory": tls_policy}
+            agent = Agent(reactor, pool=self._pool, connectTimeout=10, **extra)
+        self._agent = agent
         self.http = HTTPClient(self._agent)
         self._index = 0
         self._stopping = False

@@ -93,7 +93,7 @@ class OperatorAPI:
 
     def _auth(self, request: IRequest, roles: Collection[str]) -> Principal:
         try:
-            return self.authority.check(request.getHeader(b"authorization"), roles)
+            return self.authority.check_request(request, roles)
         except AuthError as exc:
             raise HTTPError(exc.status, exc.code, exc.detail) from None
 
@@ -280,9 +280,11 @@ class OperatorAPI:
         try:
             await check
         except Exception as exc:
+            self.metrics.log_writable.set(0)
             return _json(
                 request, 503, {"error": "not_ready", "detail": f"log store not writable: {exc}"}
             )
+        self.metrics.log_writable.set(1)
         return _json(request, 200, {"status": "ready", "tail": format_offset(self.log.tail)})
 
     @app.route("/metrics", methods=["GET"])

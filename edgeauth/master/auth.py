@@ -1,9 +1,14 @@
-"""Bearer tokens and roles for the master's API (PROTOCOL.md §1).
+"""Bearer tokens, client certificates, dashboard sessions and roles for the master (PROTOCOL.md §1).
 
 A :class:`TokenAuthority` knows only the SHA-256 digests of the configured tokens. It hashes the
 presented token and compares the digest with every configured one in constant time, so neither the
 time taken nor any message reveals which token, if any, was close. Tokens are never logged or
 echoed.
+
+:meth:`TokenAuthority.check_request` also accepts, when no ``Authorization`` header is sent, a
+client certificate verified by the TLS listener whose subject CN is mapped to a role
+(``[master] tls_client_roles``), and, where the caller allows it (read-only pages of the
+dashboard and its event stream), a dashboard session cookie from :class:`SessionStore`.
 """
 
 from __future__ import annotations
@@ -11,9 +16,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from collections.abc import Collection, Sequence
+import secrets
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
 
 import attrs
+from twisted.internet.interfaces import IReactorTime
 
 from edgeauth.config import TokenEntry
 
@@ -24,6 +32,13 @@ ROLE_EDGE = "edge"
 ROLE_READER = "reader"
 """May read the operator views."""
 
+SESSION_COOKIE = b"edgeauth_session"
+"""The name of the dashboard's session cookie."""
+SESSION_TTL = 8 * 3600.0
+"""Seconds a dashboard session lasts from its login."""
+MAX_SESSIONS = 10_000
+"""Sessions kept at once; the oldest go first beyond this."""
+
 _BEARER = re.compile(rb"([A-Za-z]+) ([\x21-\x7e]+)\Z")
 
 
@@ -32,7 +47,7 @@ class Principal:
     """Who made a request, as established by :meth:`TokenAuthority.authenticate`.
 
     Attributes:
-        name: the token's name in ``[tokens]``.
+        name: the token's name in ``[tokens]``, or ``CN=<common name>`` for a client certificate.
         role: the token's role: ``operator``, ``edge`` or ``reader``.
     """
 
@@ -60,12 +75,83 @@ def _unauthorized(detail: str) -> AuthError:
     return AuthError(401, "unauthorized", detail)
 
 
-class TokenAuthority:
-    """Checks ``Authorization: Bearer <token>`` headers against the configured tokens."""
+class SessionStore:
+    """Dashboard sessions: random ids mapped, server side, to a principal until they expire.
 
-    def __init__(self, tokens: Sequence[TokenEntry]) -> None:
-        """Keep the digests of ``tokens`` (normally ``Settings.tokens``)."""
+    Only the SHA-256 digest of a session id is kept, so lookups reveal nothing through timing and
+    a memory dump holds no usable cookie.
+    """
+
+    def __init__(
+        self, clock: IReactorTime, ttl: float = SESSION_TTL, max_sessions: int = MAX_SESSIONS
+    ) -> None:
+        """Keep sessions for ``ttl`` seconds of ``clock``, at most ``max_sessions`` at once."""
+        self.clock = clock
+        self.ttl = ttl
+        self.max_sessions = max_sessions
+        self._sessions: dict[bytes, tuple[Principal, float]] = {}
+
+    @staticmethod
+    def _key(session_id: bytes | str) -> bytes:
+        raw = session_id.encode("utf-8") if isinstance(session_id, str) else session_id
+        return hashlib.sha256(raw).digest()
+
+    def create(self, principal: Principal) -> str:
+        """Open a session for ``principal`` and return its id (the cookie value)."""
+        now = self.clock.seconds()
+        for key, (_, expires) in list(self._sessions.items()):
+            if expires <= now:
+                del self._sessions[key]
+        while len(self._sessions) >= self.max_sessions:
+            del self._sessions[next(iter(self._sessions))]  # dicts keep insertion order
+        session_id = secrets.token_urlsafe(32)
+        self._sessions[self._key(session_id)] = (principal, now + self.ttl)
+        return session_id
+
+    def get(self, session_id: bytes | str) -> Principal | None:
+        """Return the principal of a live session, or None (unknown or expired)."""
+        key = self._key(session_id)
+        found = self._sessions.get(key)
+        if found is None:
+            return None
+        principal, expires = found
+        if expires <= self.clock.seconds():
+            del self._sessions[key]
+            return None
+        return principal
+
+    def drop(self, session_id: bytes | str) -> None:
+        """End a session (logout)."""
+        self._sessions.pop(self._key(session_id), None)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+
+class TokenAuthority:
+    """Checks ``Authorization: Bearer <token>`` headers against the configured tokens.
+
+    With ``client_roles`` a request without the header may be authorised by its verified client
+    certificate; with ``sessions`` by a dashboard session cookie (:meth:`check_request`).
+    """
+
+    def __init__(
+        self,
+        tokens: Sequence[TokenEntry],
+        *,
+        client_roles: Sequence[tuple[str, str]] = (),
+        sessions: SessionStore | None = None,
+    ) -> None:
+        """Keep the digests of ``tokens`` (normally ``Settings.tokens``).
+
+        Args:
+            tokens: the configured tokens.
+            client_roles: ``(common name, role)`` pairs (``[master] tls_client_roles``).
+            sessions: the dashboard sessions, if the dashboard is served.
+        """
         self._tokens = tuple(tokens)
+        self.client_roles: Mapping[str, str] = dict(client_roles)
+        self.sessions = sessions
 
     def authenticate(self, authorization: bytes | str | None) -> Principal:
         """Return the principal whose token the header carries.
@@ -123,3 +209,46 @@ class TokenAuthority:
         principal = self.authenticate(authorization)
         self.authorize(principal, allowed_roles)
         return principal
+
+    def check_request(
+        self, request: Any, allowed_roles: Collection[str], *, allow_session: bool = False
+    ) -> Principal:
+        """Authenticate and authorize one HTTP request.
+
+        In order: the ``Authorization`` header when present (a bad one is never overridden by
+        other credentials); else, when ``allow_session``, a live session cookie; else a client
+        certificate verified by the TLS listener whose CN is in ``client_roles``.
+
+        Raises:
+            AuthError: 401 without usable credentials, 403 when the principal's role is not
+                allowed or a verified certificate's CN has no role.
+        """
+        header = request.getHeader(b"authorization")
+        if header is not None:
+            return self.check(header, allowed_roles)
+        if allow_session and self.sessions is not None:
+            cookie = request.getCookie(SESSION_COOKIE)
+            if cookie:
+                principal = self.sessions.get(cookie)
+                if principal is not None:
+                    self.authorize(principal, allowed_roles)
+                    return principal
+        common_name = self.certificate_name(request)
+        if common_name is not None:
+            role = self.client_roles.get(common_name)
+            if role is None:
+                detail = f"the client certificate CN={common_name} has no role (tls_client_roles)"
+                raise AuthError(403, "forbidden", detail)
+            principal = Principal(f"CN={common_name}", role)
+            self.authorize(principal, allowed_roles)
+            return principal
+        return self.check(None, allowed_roles)
+
+    def certificate_name(self, request: Any) -> str | None:
+        """Return the CN of the request's verified client certificate, if it has one."""
+        if not self.client_roles:
+            return None
+        from edgeauth.tls import peer_common_name
+
+        channel = getattr(request, "channel", None)
+        return peer_common_name(getattr(channel, "transport", None))

@@ -37,6 +37,7 @@ class MasterMetrics:
     slow_consumers: Counter = attrs.field(init=False)
     log_tail: Gauge = attrs.field(init=False)
     log_earliest: Gauge = attrs.field(init=False)
+    log_writable: Gauge = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         r = self.registry
@@ -86,6 +87,11 @@ class MasterMetrics:
         self.log_tail = Gauge("edgeauth_master_log_tail_seq", "Seq of the last event", registry=r)
         self.log_earliest = Gauge(
             "edgeauth_master_log_earliest_seq", "Seq of the oldest retained event", registry=r
+        )
+        self.log_writable = Gauge(
+            "edgeauth_master_log_writable",
+            "1 when the last write check of the event log committed (every 15 s and on /readyz)",
+            registry=r,
         )
 
     def render(self) -> bytes:

@@ -16,7 +16,6 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IReactorCore, IReactorTime
 from twisted.internet.task import LoopingCall
@@ -24,9 +23,10 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
-from edgeauth.config import ConfigError, Settings, load_settings
+from edgeauth import logs, tls
+from edgeauth.config import COMMAND_LINE, ConfigError, Settings, database_error, load_settings
 from edgeauth.master.api import MasterRoot, OperatorAPI
-from edgeauth.master.auth import TokenAuthority
+from edgeauth.master.auth import SessionStore, TokenAuthority
 from edgeauth.master.fanout import Fanout
 from edgeauth.master.log import IEventLog, SqliteEventLog
 from edgeauth.master.metrics import MasterMetrics
@@ -36,11 +36,16 @@ from edgeauth.master.stream import (
     SnapshotResource,
     StreamContext,
 )
+from edgeauth.master.ui import PATHS as UI_PATHS
+from edgeauth.master.ui import Dashboard
 from edgeauth.sites import ClosingSite
 
 log = Logger()
 
 COMPACT_EVERY = 60.0
+WRITABLE_CHECK_EVERY = 15.0
+"""Seconds between the write checks behind ``edgeauth_master_log_writable``."""
+WRITABLE_CHECK_TIMEOUT = 5.0
 
 # The API takes JSON only, so Twisted need not parse form bodies: that parse runs on every POST
 # with a body (email.message on Content-Type) and cost about a fifth of a ban's reactor time.
@@ -60,6 +65,9 @@ class Options(usage.Options):
         ["listen", None, None, "Listener endpoint, overrides [master] listen."],
         ["database", None, None, "SQLite path (or DSN), overrides [master] database."],
     ]
+    optFlags = [
+        ["json-logs", None, "Log JSON lines (as [logging] format = json)."],
+    ]
 
     def postOptions(self) -> None:
         """Load and validate the configuration now, so bad settings stop start-up."""
@@ -70,6 +78,8 @@ class Options(usage.Options):
             self["settings"] = load_settings(self["config"], overrides, role="master")
         except ConfigError as exc:
             raise usage.UsageError(str(exc)) from None
+        log_format = "json" if self["json-logs"] else self["settings"].logging.format
+        logs.select_for_twistd(self, log_format)
 
 
 class MasterService(service.Service):
@@ -98,13 +108,21 @@ class MasterService(service.Service):
         self.port: IListeningPort | None = None
         self.ready: Deferred[None] = Deferred()
         self._compactor: LoopingCall | None = None
+        self._write_checker: LoopingCall | None = None
+        self._writable: bool | None = None
+        self.database_source: str | None = settings.path
+        """The ini file (or ``<command line>``) that set ``[master] database``, for errors."""
         self._starting: Deferred[None] | None = None
         self._site: ClosingSite | None = None
 
     def build_site(self) -> ClosingSite:
         """Return the HTTP site: stream resources plus the Klein operator API."""
         master = self.settings.master
-        authority = TokenAuthority(self.settings.tokens)
+        authority = TokenAuthority(
+            self.settings.tokens,
+            client_roles=master.tls_client_roles,
+            sessions=SessionStore(self.reactor),
+        )
         ctx = StreamContext(
             self.log,
             self.fanout,
@@ -118,12 +136,14 @@ class MasterService(service.Service):
         api = OperatorAPI(
             self.log, self.fanout, authority, self.metrics, self.reactor, max_body=master.max_body
         )
+        dashboard = Dashboard(self.log, self.fanout, authority, self.reactor)
         root = MasterRoot(
             api.app.resource(),
             {
                 b"/v1/stream/events": EventStreamResource(ctx),
                 b"/events": SeedEventsResource(ctx),
                 b"/v1/snapshot": SnapshotResource(ctx),
+                **dict.fromkeys(UI_PATHS, dashboard),
             },
         )
         site = ClosingSite(
@@ -134,14 +154,21 @@ class MasterService(service.Service):
 
     async def start(self) -> None:
         """Open the log, apply retention, then listen."""
-        await self.log.open()
+        try:
+            await self.log.open()
+        except (OSError, sqlite3.Error) as exc:
+            path = self.settings.master.database
+            raise database_error(exc, path, file=self.database_source, section="master") from None
+        self._write_checker = LoopingCall(self._check_writable)
+        self._write_checker.clock = self.reactor
+        self._write_checker.start(WRITABLE_CHECK_EVERY, now=True)
         await self._compact()
         self._compactor = LoopingCall(self._compact)
         self._compactor.clock = self.reactor
         self._compactor.start(COMPACT_EVERY, now=False).addErrback(
             lambda f: log.failure("compaction loop stopped", f)
         )
-        endpoint = serverFromString(self.reactor, self.settings.master.listen)
+        endpoint = tls.server_endpoint(self.reactor, self.settings.master)
         self._site = self.build_site()
         self.port = await endpoint.listen(self._site)
         log.info(
@@ -150,6 +177,23 @@ class MasterService(service.Service):
             log_id=self.log.log_id,
             tail=self.log.tail,
         )
+
+    async def _check_writable(self) -> None:
+        """Set ``edgeauth_master_log_writable`` from one write transaction; log changes."""
+        check: Deferred[None] = self.log.check_writable()
+        check.addTimeout(WRITABLE_CHECK_TIMEOUT, self.reactor)
+        try:
+            await check
+        except Exception as exc:
+            self.metrics.log_writable.set(0)
+            if self._writable is not False:
+                log.error("the event log is not writable: {why}", why=str(exc) or repr(exc))
+            self._writable = False
+        else:
+            self.metrics.log_writable.set(1)
+            if self._writable is False:
+                log.info("the event log is writable again")
+            self._writable = True
 
     async def _compact(self) -> None:
         assert IReactorTime.providedBy(self.reactor)
@@ -169,7 +213,7 @@ class MasterService(service.Service):
             self.ready.callback(None)
 
         def failed(failure: Any) -> None:
-            if failure.check(CannotListenError, OSError, sqlite3.Error):
+            if failure.check(ConfigError, CannotListenError, OSError, sqlite3.Error):
                 # An operating problem (port taken, unusable database path): one line says it.
                 why = failure.getErrorMessage()
                 log.critical("edgeauth master failed to start: {why}", why=why)
@@ -189,6 +233,8 @@ class MasterService(service.Service):
             await starting
         if self._compactor is not None and self._compactor.running:
             self._compactor.stop()
+        if self._write_checker is not None and self._write_checker.running:
+            self._write_checker.stop()
         if self.port is not None:
             await maybeDeferred(self.port.stopListening)
             self.port = None
@@ -209,6 +255,8 @@ def makeService(options: Options) -> service.IService:
 
     settings: Settings = options["settings"]
     svc = MasterService(settings, reactor)
+    if options["database"] is not None:
+        svc.database_source = COMMAND_LINE
     svc.setName("edgeauth-master")
     svc.ready.addErrback(_exit_status_one)
     return svc

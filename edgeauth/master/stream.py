@@ -117,10 +117,20 @@ class StreamContext:
         self.cache_visibility = stream_cache
         self.rng = rng or random.Random()
 
-    def authenticate(self, request: Request, roles: Collection[str] = STREAM_ROLES) -> None:
-        """Raise HTTPError 401/403 unless the request carries a token of one of ``roles``."""
+    def authenticate(
+        self,
+        request: Request,
+        roles: Collection[str] = STREAM_ROLES,
+        *,
+        allow_session: bool = False,
+    ) -> None:
+        """Raise HTTPError 401/403 unless the request carries a token of one of ``roles``.
+
+        A mapped client certificate counts as a token; with ``allow_session`` (``/events``, which
+        the dashboard reads) so does a dashboard session cookie.
+        """
         try:
-            self.authority.check(request.getHeader(b"authorization"), roles)
+            self.authority.check_request(request, roles, allow_session=allow_session)
         except AuthError as exc:
             raise HTTPError(exc.status, exc.code, exc.detail) from None
 
@@ -395,7 +405,7 @@ class SeedEventsResource(Resource):
         """Replay every retained event after ``Last-Event-ID``, then go live."""
 
         def handle() -> bytes | int:
-            self.ctx.authenticate(request)
+            self.ctx.authenticate(request, allow_session=True)
             header = request.getHeader(b"last-event-id")
             text = header.decode("utf-8", "replace") if header else arg(request, b"last_event_id")
             last: int | None = None

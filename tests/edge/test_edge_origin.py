@@ -347,13 +347,13 @@ async def test_steady_slow_origin_does_not_time_out(h: Harness) -> None:
 
     def script(proto: RawOriginProtocol, request: bytes, n: int) -> None:
         proto.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-        for i in range(8):
-            reactor.callLater(0.04 * (i + 1), proto.send, b"1\r\nx\r\n")
-        reactor.callLater(0.4, proto.send, b"0\r\n\r\n")
+        for i in range(10):
+            reactor.callLater(0.1 * (i + 1), proto.send, b"1\r\nx\r\n")
+        reactor.callLater(1.05, proto.send, b"0\r\n\r\n")
 
-    pool = h.pool(await h.listen(RawOrigin(script)), response_timeout=0.15)
+    pool = h.pool(await h.listen(RawOrigin(script)), response_timeout=0.4)
     got = await fetch(pool)
-    assert (got.error, got.body) == (None, b"x" * 8)
+    assert (got.error, got.body) == (None, b"x" * 10)
 
 
 @pytest_twisted.ensureDeferred
@@ -427,3 +427,45 @@ def test_pool_arguments_are_checked() -> None:
     assert OriginPool(reactor, "http", "example.com", 80).authority == b"example.com"
     assert OriginPool(reactor, "https", "example.com", 8443).authority == b"example.com:8443"
     assert OriginPool(reactor, "http", "::1", 8080).authority == b"[::1]:8080"
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversized_or_endless_response_heads_are_refused(h: Harness) -> None:
+    """Heads (interim ones included) are bounded: 70 kB of headers or endless 1xx give 502."""
+    replies = [
+        b"HTTP/1.1 200 OK\r\n" + b"X-Big: " + b"b" * 70000 + b"\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\n" * 20000,
+    ]
+    origin = RawOrigin(lambda proto, request, n: proto.send(replies[len(origin.requests) - 1]))
+    pool = h.pool(await h.listen(origin))
+    for _ in replies:
+        got = await fetch(pool)
+        assert isinstance(got.error, BadGatewayError) and "over 65536 bytes" in got.error.detail
+        assert got.status is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_handler_is_reported_not_blamed_on_the_origin(h: Harness) -> None:
+    """An exception in the handler fails the call with a clear detail and is logged."""
+    from twisted.logger import globalLogPublisher
+
+    origin = RawOrigin(lambda proto, request, n: proto.send(ok()))
+    pool = h.pool(await h.listen(origin))
+    logged: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(logged.append)
+
+    class Broken(Collector):
+        def response_started(
+            self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
+        ) -> None:
+            raise RuntimeError("boom")
+
+    broken = Broken()
+    try:
+        pool.request(get(), broken)
+        await broken.ended
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    assert isinstance(broken.error, BadGatewayError)
+    assert broken.error.detail == "the edge failed to relay the response"
+    assert any(e.get("log_failure") is not None for e in logged)

@@ -1,0 +1,293 @@
+"""Benchmark: req/s and CPU per request of the stock ``ReverseProxyResource`` and the edge's proxy.
+
+Run with ``.venv/bin/python bench/edge_proxy.py`` (``--help`` for options). Every part runs in its
+own process: a twisted.web origin answering 1 KiB, the proxy under test (a fresh process per run,
+pinned to one core with ``os.sched_setaffinity``), and the load: ``wrk`` when installed, else the
+small epoll keep-alive load generator below; both keep ``--connections`` connections busy for
+``--duration`` seconds. Proxies run interleaved (a, b, c, a, b, c, ...), ``--repeats`` times; the
+medians and the ratio (b)/(a) are printed.
+
+- (a) ``stock``: Twisted's ``ReverseProxyResource`` (a new HTTP/1.0 origin connection per
+  request, ``Connection: close`` passed back to the client);
+- (b) ``edge``: ``EdgeProxyResource`` (pooled keep-alive origin connections, httptools);
+- (c) ``edge+log``: (b) with the buffered access log on.
+
+Both proxies are served by the same ``EdgeSite`` with the access log off, so the difference is
+the resource. With two cores or more, the proxy gets core 0 and the origin and load share the
+rest; ``proxy µs/req`` is the proxy process's CPU time (user + system) per request answered,
+which does not depend on which side is the bottleneck.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import selectors
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BODY = b"x" * 1024
+KINDS = ("stock", "edge", "edge+log")
+
+
+# -- the processes under test ------------------------------------------------------------------
+
+
+def pin(cpus: set[int]) -> None:
+    """Pin this process to ``cpus`` when the machine has them."""
+    available = os.sched_getaffinity(0)
+    if cpus & available:
+        os.sched_setaffinity(0, cpus & available)
+
+
+def run_origin(cpus: set[int]) -> None:
+    from twisted.internet import reactor
+    from twisted.web.resource import Resource
+
+    from edgeauth.edge.accesslog import EdgeSite
+
+    class Origin(Resource):
+        isLeaf = True
+
+        def render_GET(self, request: object) -> bytes:
+            return BODY
+
+    pin(cpus)
+    port = reactor.listenTCP(0, EdgeSite(Origin(), reactor=reactor), interface="127.0.0.1")
+    print(port.getHost().port, flush=True)
+    reactor.run()
+
+
+def run_proxy(kind: str, origin_port: int, cpus: set[int]) -> None:
+    from twisted.internet import reactor
+    from twisted.web.proxy import ReverseProxyResource
+    from twisted.web.server import Request
+
+    from edgeauth.edge.accesslog import BufferedAccessLog, EdgeSite
+    from edgeauth.edge.proxy import EdgeProxyResource, EdgeRequest
+
+    pin(cpus)
+    resource: ReverseProxyResource
+    access_log = None
+    factory: type[Request] = Request
+    if kind == "stock":
+        resource = ReverseProxyResource("127.0.0.1", origin_port, b"", reactor)
+    else:
+        resource = EdgeProxyResource("127.0.0.1", origin_port, b"", reactor)
+        factory = EdgeRequest
+        if kind == "edge+log":
+            path = os.path.join(tempfile.mkdtemp(prefix="edgeauth-bench-"), "access.log")
+            access_log = BufferedAccessLog(reactor, path)
+    site = EdgeSite(resource, reactor=reactor, access_log=access_log, requestFactory=factory)
+    port = reactor.listenTCP(0, site, interface="127.0.0.1", backlog=1024)
+    print(port.getHost().port, flush=True)
+    reactor.run()
+
+
+# -- load --------------------------------------------------------------------------------------
+
+
+def python_load(port: int, connections: int, duration: float) -> tuple[int, int]:
+    """Keep ``connections`` keep-alive connections busy; return (responses, errors)."""
+    request = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    selector = selectors.DefaultSelector()
+    buffers: dict[socket.socket, bytearray] = {}
+    done = errors = 0
+
+    def open_one() -> None:
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        buffers[sock] = bytearray()
+        selector.register(sock, selectors.EVENT_READ)
+        sock.send(request)
+
+    def drop(sock: socket.socket) -> None:
+        selector.unregister(sock)
+        del buffers[sock]
+        sock.close()
+
+    for _ in range(connections):
+        open_one()
+    deadline = time.monotonic() + duration
+    while time.monotonic() < deadline:
+        for key, _ in selector.select(0.1):
+            sock: socket.socket = key.fileobj  # type: ignore[assignment]
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                errors += 1
+                drop(sock)
+                open_one()
+                continue
+            buf = buffers[sock]
+            buf += data
+            while True:
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    break
+                head = bytes(buf[:end]).lower()
+                match = re.search(rb"content-length: *(\d+)", head)
+                if match is None:
+                    raise SystemExit(f"response without Content-Length: {head!r}")
+                total = end + 4 + int(match.group(1))
+                if len(buf) < total:
+                    break
+                del buf[:total]
+                done += 1
+                if b"connection: close" in head:
+                    drop(sock)
+                    open_one()
+                    break
+                sock.send(request)
+    for sock in list(buffers):
+        drop(sock)
+    return done, errors
+
+
+def wrk_load(port: int, connections: int, duration: float, cpus: set[int]) -> tuple[int, int]:
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{max(1, round(duration))}s",
+            f"http://127.0.0.1:{port}/",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        preexec_fn=lambda: pin(cpus),
+    ).stdout
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    failed = sum(int(g) for g in errors.groups()) if errors else 0
+    return requests - (int(bad.group(1)) if bad else 0), failed + (int(bad.group(1)) if bad else 0)
+
+
+# -- driver ------------------------------------------------------------------------------------
+
+
+STDERR_PATH = Path(tempfile.gettempdir()) / "edgeauth-bench-edge-proxy.stderr"
+
+
+def spawn(*args: str) -> tuple[subprocess.Popen[str], int]:
+    """Start this script in another role; return the process and the port it printed."""
+    with STDERR_PATH.open("a") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, __file__, *args],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+    assert proc.stdout is not None
+    return proc, int(proc.stdout.readline())
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(args: argparse.Namespace, kind: str, origin_port: int) -> tuple[float, float, int]:
+    """One fresh proxy process: warm up, then one timed run; (req/s, proxy µs/req, errors)."""
+    proxy_cpus, other_cpus = args.proxy_cpus, args.other_cpus
+    proc, port = spawn("--role", "proxy", "--kind", kind, "--origin-port", str(origin_port),
+                       "--cpus", ",".join(map(str, proxy_cpus)))  # fmt: skip
+    try:
+        load = args.load
+
+        def run(duration: float) -> tuple[int, int]:
+            if load == "wrk":
+                return wrk_load(port, args.connections, duration, other_cpus)
+            return python_load(port, args.connections, duration)
+
+        run(args.warmup)
+        before_cpu, before = cpu_seconds(proc.pid), time.monotonic()
+        done, errors = run(args.duration)
+        elapsed, used = time.monotonic() - before, cpu_seconds(proc.pid) - before_cpu
+        return done / elapsed, used / max(done, 1) * 1e6, errors
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per timed run")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per run")
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--load", choices=("auto", "wrk", "python"), default="auto")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset")
+    parser.add_argument("--role", choices=("driver", "origin", "proxy"), default="driver")
+    parser.add_argument("--kind", choices=KINDS)
+    parser.add_argument("--origin-port", type=int)
+    parser.add_argument("--cpus", default="")
+    args = parser.parse_args()
+    cpus = {int(c) for c in args.cpus.split(",") if c}
+    if args.role == "origin":
+        return run_origin(cpus)
+    if args.role == "proxy":
+        return run_proxy(args.kind, args.origin_port, cpus)
+
+    available = sorted(os.sched_getaffinity(0))
+    args.proxy_cpus = {available[0]}
+    args.other_cpus = set(available[1:]) or {available[0]}
+    if args.load == "auto":
+        args.load = "wrk" if shutil.which("wrk") else "python"
+    if args.load == "python":
+        pin(args.other_cpus)
+    kinds = [k for k in args.kinds.split(",") if k]
+    STDERR_PATH.write_text("")
+    origin, origin_port = spawn("--role", "origin", "--cpus", ",".join(map(str, args.other_cpus)))
+    print(
+        f"cpus: proxy {sorted(args.proxy_cpus)}, origin+load {sorted(args.other_cpus)}; "
+        f"load: {args.load}, {args.connections} connections, {args.duration:g}s x "
+        f"{args.repeats} (+{args.warmup:g}s warm-up); body 1 KiB"
+    )
+    results: dict[str, list[tuple[float, float, int]]] = {k: [] for k in kinds}
+    try:
+        for repeat in range(args.repeats):
+            for kind in kinds:
+                rps, cpu, errors = measure(args, kind, origin_port)
+                results[kind].append((rps, cpu, errors))
+                print(f"  run {repeat + 1} {kind:9} {rps:9.0f} req/s {cpu:7.1f} µs/req "
+                      f"errors {errors}", flush=True)  # fmt: skip
+    finally:
+        origin.terminate()
+        origin.wait()
+    print(f"{'proxy':10} {'median req/s':>13} {'proxy µs/req':>13}")
+    medians = {}
+    for kind in kinds:
+        rps = statistics.median(r for r, _, _ in results[kind])
+        cpu = statistics.median(c for _, c, _ in results[kind])
+        medians[kind] = (rps, cpu)
+        print(f"{kind:10} {rps:13.0f} {cpu:13.1f}")
+    noise = STDERR_PATH.read_text(errors="replace")
+    print(
+        f"server tracebacks: {noise.count('Traceback')}, of which 'finish called after its "
+        f"connection was lost' (the stock proxy, when the load stops): "
+        f"{noise.count('Request.finish called on a request after its connection was lost')} "
+        f"(see {STDERR_PATH})"
+    )
+    if "stock" in medians and "edge" in medians:
+        (a_rps, a_cpu), (b_rps, b_cpu) = medians["stock"], medians["edge"]
+        print(f"ratio (b)/(a): {b_rps / a_rps:.2f}x req/s, {b_cpu / a_cpu:.2f}x CPU per request")
+
+
+if __name__ == "__main__":
+    main()
