@@ -66,7 +66,7 @@ def run_origin(cpus: set[int]) -> None:
     reactor.run()
 
 
-def run_proxy(kind: str, origin_port: int, cpus: set[int]) -> None:
+def run_proxy(kind: str, origin_port: int, cpus: set[int], log_dir: str) -> None:
     from twisted.internet import reactor
     from twisted.web.proxy import ReverseProxyResource
     from twisted.web.server import Request
@@ -84,8 +84,7 @@ def run_proxy(kind: str, origin_port: int, cpus: set[int]) -> None:
         resource = EdgeProxyResource("127.0.0.1", origin_port, b"", reactor)
         factory = EdgeRequest
         if kind == "edge+log":
-            path = os.path.join(tempfile.mkdtemp(prefix="edgeauth-bench-"), "access.log")
-            access_log = BufferedAccessLog(reactor, path)
+            access_log = BufferedAccessLog(reactor, os.path.join(log_dir, "access.log"))
     site = EdgeSite(resource, reactor=reactor, access_log=access_log, requestFactory=factory)
     port = reactor.listenTCP(0, site, interface="127.0.0.1", backlog=1024)
     print(port.getHost().port, flush=True)
@@ -205,8 +204,11 @@ def cpu_seconds(pid: int) -> float:
 def measure(args: argparse.Namespace, kind: str, origin_port: int) -> tuple[float, float, int]:
     """One fresh proxy process: warm up, then one timed run; (req/s, proxy µs/req, errors)."""
     proxy_cpus, other_cpus = args.proxy_cpus, args.other_cpus
-    proc, port = spawn("--role", "proxy", "--kind", kind, "--origin-port", str(origin_port),
-                       "--cpus", ",".join(map(str, proxy_cpus)))  # fmt: skip
+    cpus = ",".join(map(str, proxy_cpus))
+    proc, port = spawn(
+        "--role", "proxy", "--kind", kind, "--origin-port", str(origin_port),
+        "--cpus", cpus, "--log-dir", args.log_dir,
+    )  # fmt: skip
     try:
         load = args.load
 
@@ -237,12 +239,13 @@ def main() -> None:
     parser.add_argument("--kind", choices=KINDS)
     parser.add_argument("--origin-port", type=int)
     parser.add_argument("--cpus", default="")
+    parser.add_argument("--log-dir", default="")
     args = parser.parse_args()
     cpus = {int(c) for c in args.cpus.split(",") if c}
     if args.role == "origin":
         return run_origin(cpus)
     if args.role == "proxy":
-        return run_proxy(args.kind, args.origin_port, cpus)
+        return run_proxy(args.kind, args.origin_port, cpus, args.log_dir)
 
     available = sorted(os.sched_getaffinity(0))
     args.proxy_cpus = {available[0]}
@@ -253,6 +256,7 @@ def main() -> None:
         pin(args.other_cpus)
     kinds = [k for k in args.kinds.split(",") if k]
     STDERR_PATH.write_text("")
+    args.log_dir = tempfile.mkdtemp(prefix="edgeauth-bench-")
     origin, origin_port = spawn("--role", "origin", "--cpus", ",".join(map(str, args.other_cpus)))
     print(
         f"cpus: proxy {sorted(args.proxy_cpus)}, origin+load {sorted(args.other_cpus)}; "
@@ -270,6 +274,7 @@ def main() -> None:
     finally:
         origin.terminate()
         origin.wait()
+        shutil.rmtree(args.log_dir, ignore_errors=True)
     print(f"{'proxy':10} {'median req/s':>13} {'proxy µs/req':>13}")
     medians = {}
     for kind in kinds:

@@ -333,18 +333,44 @@ def measure(pid: int, port: int, count: int, events: int, spacing: float) -> dic
     }
 
 
+def run_once(
+    name: str, count: int, args: argparse.Namespace, env: dict[str, str]
+) -> dict[str, Any]:
+    """Start a fresh master or baseline, measure it with ``count`` subscribers, stop it."""
+    with tempfile.TemporaryDirectory(prefix="edgeauth-fanout-") as tmp:
+        work = Path(tmp)
+        ini = work / "master.ini"
+        ini.write_text(
+            "[master]\nlisten = tcp:0:interface=127.0.0.1\n"
+            f"database = {work / 'master.sqlite3'}\nsse_cycle = 3600\n"
+            "[tokens]\nops = operator env:EDGEAUTH_OPERATOR_TOKEN\n"
+            "edges = edge env:EDGEAUTH_EDGE_TOKEN\n"
+        )
+        if name == "master":
+            argv = [str(Path(sys.executable).parent / "twistd"), "-n", "--pidfile=", "--logfile"]
+            argv += [str(work / "out.log"), "edgeauth-master", "--config", str(ini)]
+        else:
+            argv = [sys.executable, __file__, "--serve-baseline"]
+        with server(argv, work / "out.log", env) as (pid, port):
+            result = measure(pid, port, count, args.events, args.spacing)
+            log_text = (work / "out.log").read_text(errors="replace")
+        if "Traceback" in log_text:
+            print(f"  {name} logged a traceback:\n{log_text[-3000:]}")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=20, help="bans posted per N")
     parser.add_argument("--spacing", type=float, default=0.2, help="seconds between bans")
     parser.add_argument("--sizes", type=int, nargs="*", default=list(SIZES))
+    parser.add_argument("--repeats", type=int, default=3, help="runs per N and server")
     args = parser.parse_args()
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = max(args.sizes) + 256
     if soft < need:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, need), hard))
-    bin_dir = Path(sys.executable).parent
     env = {**os.environ, "EDGEAUTH_OPERATOR_TOKEN": OPERATOR_TOKEN}
     env["EDGEAUTH_EDGE_TOKEN"] = EDGE_TOKEN
     print("edgeauth master fan-out benchmark", flush=True)
@@ -357,39 +383,28 @@ def main() -> None:
         "  master: WAL + synchronous=FULL (each ban is fsync'd before it is fanned out), "
         "sse_cycle 3600 s (no cycling during a run), ping_interval 15 s, logging to a file"
     )
-    results: dict[tuple[str, int], dict[str, Any]] = {}
-    for count in args.sizes:
-        for name in ("master", "baseline"):
-            with tempfile.TemporaryDirectory(prefix="edgeauth-fanout-") as tmp:
-                work = Path(tmp)
-                ini = work / "master.ini"
-                ini.write_text(
-                    "[master]\nlisten = tcp:0:interface=127.0.0.1\n"
-                    f"database = {work / 'master.sqlite3'}\nsse_cycle = 3600\n"
-                    "[tokens]\nops = operator env:EDGEAUTH_OPERATOR_TOKEN\n"
-                    "edges = edge env:EDGEAUTH_EDGE_TOKEN\n"
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for repeat in range(args.repeats):
+        for count in args.sizes:
+            for name in ("master", "baseline"):
+                result = run_once(name, count, args, env)
+                runs.setdefault((name, count), []).append(result)
+                print(
+                    f"  run {repeat + 1} N={count:<5} {name:8} connected {result['connected']} "
+                    f"in {result['connect_s']:.1f} s, delivered {result['delivered']}/"
+                    f"{result['expected']}, closed {result['closed']}, p50 {result['p50']:.1f} "
+                    f"ms p99 {result['p99']:.1f} ms max {result['max']:.1f} ms, CPU "
+                    f"{result['cpu_ms_per_event']:.1f} ms/event, RSS {result['rss_before_kib']} "
+                    f"-> {result['rss_after_kib']} KiB, subscriber-process CPU "
+                    f"{result['sub_cpu']:.0%}",
+                    flush=True,
                 )
-                if name == "master":
-                    argv = [str(bin_dir / "twistd"), "-n", "--pidfile=", "--logfile"]
-                    argv += [str(work / "out.log"), "edgeauth-master", "--config", str(ini)]
-                else:
-                    argv = [sys.executable, __file__, "--serve-baseline"]
-                with server(argv, work / "out.log", env) as (pid, port):
-                    result = measure(pid, port, count, args.events, args.spacing)
-                    log_text = (work / "out.log").read_text(errors="replace")
-                if "Traceback" in log_text:
-                    print(f"  {name} logged a traceback:\n{log_text[-3000:]}")
-            results[(name, count)] = result
-            print(
-                f"  N={count:<5} {name:8} connected {result['connected']} in "
-                f"{result['connect_s']:.1f} s, delivered {result['delivered']}/"
-                f"{result['expected']}, closed {result['closed']}, p50 {result['p50']:.1f} ms "
-                f"p99 {result['p99']:.1f} ms max {result['max']:.1f} ms, CPU "
-                f"{result['cpu_ms_per_event']:.1f} ms/event, RSS {result['rss_before_kib']} -> "
-                f"{result['rss_after_kib']} KiB, subscriber-process CPU {result['sub_cpu']:.0%}",
-                flush=True,
-            )
+    results = {
+        key: {field: statistics.median(r[field] for r in values) for field in values[0]}
+        for key, values in runs.items()
+    }
     print()
+    print(f"Medians of {args.repeats} repeats (each with a fresh server)")
     print(
         "| N | server | p50 ms | p99 ms | max ms | last reader, median ms | CPU ms/event "
         "| CPU us/event/reader | RSS MiB | RSS KiB/reader |"

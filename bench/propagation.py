@@ -1,10 +1,11 @@
 """Benchmark: ban propagation, POST to the master -> enforced on every edge, with 1 and 10 edges.
 
-Run with ``.venv/bin/python bench/propagation.py`` after ``make install`` (or
-``.venv/bin/pip install --no-deps --force-reinstall .``): the master and the edges run as
-``twistd -n edgeauth-master`` / ``twistd -n edgeauth-edge`` subprocesses from the installed
-package, each edge with its own proxy and admin ports and its own SQLite file; the origin is a
-closed port (never used: the banned clients are refused before it).
+Run with ``.venv/bin/python bench/propagation.py``. The master and the edges run as
+``twistd -n edgeauth-master`` / ``twistd -n edgeauth-edge`` subprocesses with this checkout first
+on their ``PYTHONPATH`` (so they run the working tree's code; the plugins come from the installed
+package or the checkout's ``twisted/plugins``), each edge with its own proxy and admin ports and
+its own SQLite file; the origin is a closed port (never used: the banned clients are refused
+before it). Every process is stopped by its PID (SIGTERM, then SIGKILL after 20 s).
 
 For each edge count a fresh master and fresh edges start; once every edge is ready (``/readyz``)
 and has applied a few warm-up bans, the driver posts ``--bans`` bans one at a time over one

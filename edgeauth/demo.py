@@ -828,6 +828,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "origin":
         return serve_origin(args.port)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    # Ctrl-C stops everything even when started from a shell that ignores SIGINT for background
+    # jobs (Python keeps an inherited SIG_IGN otherwise).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     ports = free_ports() if args.ports == "auto" else Ports()
     options = Options(var=args.var.absolute(), ports=ports, timeout=args.timeout)
     try:

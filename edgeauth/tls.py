@@ -208,7 +208,8 @@ def peer_common_name(transport: object) -> str | None:
         return None
     from cryptography.x509.oid import NameOID
 
-    subject = cert.to_cryptography().subject
+    # pyOpenSSL's X509 (what Twisted returns today) or already a cryptography certificate.
+    subject = (cert.to_cryptography() if hasattr(cert, "to_cryptography") else cert).subject
     names = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     value = names[0].value if names else ""
     return value if isinstance(value, str) else value.decode("utf-8", "replace")

@@ -40,7 +40,8 @@ from support import (
 from twisted.logger import FileLogObserver, Logger, globalLogPublisher
 from twisted.python import log as legacy_log
 from twisted.python.failure import Failure
-from twisted.scripts.twistd import ServerOptions
+from twisted.scripts._twistd_unix import ServerOptions
+from twisted.web.http_headers import Headers
 
 from edgeauth import logs
 
@@ -197,7 +198,7 @@ async def sign_in(master_url: str, token: str) -> Reply:
         response = await client.http.post(
             master_url + "/ui/login",
             data=urlencode({"token": token}).encode(),
-            headers={"Content-Type": "application/x-www-form-urlencoded"},
+            headers=Headers({b"Content-Type": [b"application/x-www-form-urlencoded"]}),
             allow_redirects=False,
         )
         return Reply(response.code, response.headers, await treq.content(response))
@@ -267,10 +268,12 @@ async def test_every_write_logged_once_with_its_source_and_no_secret_in_any_log(
                 reply = await ops.post(path, body)
                 assert reply.code == 201, (path, reply.body)
                 events.append(reply.json()["event"])
-            tail = events[-1]["seq"]
-            for edge in edges.values():
-                state = edge.service.state
-                await wait_until(lambda s=state: s.offset >= tail, "the edges to apply every write")
+            tail: int = events[-1]["seq"]
+
+            def applied_everywhere() -> bool:
+                return all(e.service.state.offset >= tail for e in edges.values())
+
+            await wait_until(applied_everywhere, "the edges to apply every write")
 
             assert (await visitor.get("/private/b", token=revoked)).json()["error"] == (
                 "token_revoked"

@@ -190,7 +190,8 @@ class TokenAuthority:
         """
         if principal.role not in allowed_roles:
             roles = ", ".join(sorted(allowed_roles))
-            detail = f"token {principal.name!r} has role {principal.role!r}; this needs {roles}"
+            what = "certificate" if principal.name.startswith("CN=") else "token"
+            detail = f"{what} {principal.name!r} has role {principal.role!r}; this needs {roles}"
             raise AuthError(403, "forbidden", detail)
 
     def check(self, authorization: bytes | str | None, allowed_roles: Collection[str]) -> Principal:

@@ -58,7 +58,7 @@ _SECURITY_HEADERS = {
     b"cache-control": b"no-store",
     b"x-content-type-options": b"nosniff",
     b"x-frame-options": b"DENY",
-    b"referrer-policy": b"no-referrer",
+    b"referrer-policy": b"same-origin",  # no-referrer would make form POSTs send Origin: null
     b"content-security-policy": (
         b"default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
         b"img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"

@@ -17,6 +17,7 @@ from test_edge_cache_fixtures import (
     x_cache,
 )
 from twisted.internet.defer import Deferred
+from twisted.web.server import Request
 
 
 async def started(tmp_path: Path, stack: AsyncExitStack, **sections: object) -> CacheFleet:
@@ -123,8 +124,8 @@ async def test_every_vary_variant_goes_with_its_key(tmp_path: Path) -> None:
     async with AsyncExitStack() as stack:
         fleet = await started(tmp_path, stack)
 
-        def by_language(request: object) -> Answer:
-            language = (getattr(request, "getHeader")(b"accept-language") or b"none").decode()
+        def by_language(request: Request) -> Answer:
+            language = (request.getHeader(b"accept-language") or b"none").decode()
             return cacheable(language.encode(), tags="page", extra=[("Vary", "Accept-Language")])
 
         fleet.origin.route("/page", by_language)

@@ -1,7 +1,7 @@
-"""Helpers of the edge cache integration tests (no tests here): a scripted origin, a fleet, a
-fast keep-alive client.
+"""Helpers of the edge cache integration tests (no tests here).
 
-Everything is real: a master, edges and an origin on 127.0.0.1 port 0, HTTP over loopback.
+A scripted origin, a fleet (master, origin, edges), a fast keep-alive client. Everything is
+real: a master, edges and an origin on 127.0.0.1 port 0, HTTP over loopback.
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ async def test_lru_holds_max_entries_and_keeps_the_most_recently_used(tmp_path: 
 
 @pytest_twisted.ensureDeferred
 async def test_mass_soft_purge_never_stampedes_the_origin(tmp_path: Path) -> None:
-    """invalidate --all --soft over 5,000 entries, then 5,000 requests: <= max_refreshes at once."""
+    """Soft ``all`` over 5,000 entries, then 5,000 requests: <= max_refreshes refreshes at once."""
     async with AsyncExitStack() as stack:
         fleet = CacheFleet(tmp_path, stack)
         await fleet.start(["edge-a"], cache={"max_entries": 10000, "max_refreshes": 8})

@@ -244,6 +244,7 @@ def test_acknowledged_bans_survive_sigkill(tmp_path: Path, spawn: Any) -> None:
     master.proc.wait(timeout=10)
     assert master.proc.returncode == -signal.SIGKILL
     assert acked_at_kill < BANS, "every ban was acknowledged before the kill; nothing in flight"
+    assert len(acked) < BANS, "the kill cut no request short"
 
     restarted = spawn(ini)
     assert restarted.log_id == master.log_id

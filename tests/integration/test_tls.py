@@ -357,7 +357,7 @@ async def test_mtls_edge_with_the_right_certificate_syncs_without_a_token(
         assert event["source"] == "operator:CN=ops"
 
         def applied() -> bool:
-            return started.service.state.offset >= event["seq"]
+            return bool(started.service.state.offset >= event["seq"])
 
         await wait_until(applied, "the edge to apply the ban over mTLS")
         code, explained = await admin_get(started, "/explain?ip=203.0.113.7")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from io import BytesIO
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -25,13 +26,18 @@ from support import (
     start_master,
 )
 from twisted.internet.task import Clock
+from twisted.web.client import FileBodyProducer
+from twisted.web.http_headers import Headers
 
 from edgeauth.config import TokenEntry
 from edgeauth.master.auth import Principal, SessionStore, TokenAuthority
 
 
 class Browserish:
-    """Plain HTTP requests as a browser makes them: forms, cookies, no redirects followed."""
+    """Plain HTTP requests as a browser makes them: forms, explicit cookies, no redirects.
+
+    It uses the bare ``Agent``: treq would keep cookies in a jar and follow redirects.
+    """
 
     def __init__(self, master: RunningMaster) -> None:
         self.base = master.url
@@ -46,13 +52,13 @@ class Browserish:
         headers: dict[str, str] | None = None,
     ) -> Reply:
         all_headers = dict(headers or {})
-        data = None
+        producer = None
         if form is not None:
-            data = urlencode(form).encode()
+            producer = FileBodyProducer(BytesIO(urlencode(form).encode()))
             all_headers["Content-Type"] = "application/x-www-form-urlencoded"
-        response = await self.client.http.request(
-            method, self.base + path, data=data, headers=all_headers, allow_redirects=False
-        )
+        raw = Headers({k.encode(): [v.encode()] for k, v in all_headers.items()})
+        url = (self.base + path).encode("ascii")
+        response = await self.client.agent.request(method.encode(), url, raw, producer)
         return Reply(response.code, response.headers, await treq.content(response))
 
     async def sign_in(self, token: str) -> str:

@@ -106,9 +106,16 @@ def _keep_until(entry: Entry) -> float:
     return max(entry.fresh_until, entry.stale_until, entry.error_until)
 
 
+def ensure_schema_txn(txn: sqlite3.Cursor) -> None:
+    """Create the cache tables if needed (inside the current transaction)."""
+    for statement in CACHE_SCHEMA.split(";"):
+        if statement.strip():
+            txn.execute(statement)
+
+
 def load_cache_txn(txn: sqlite3.Cursor, now: float) -> LoadedCache:
     """Create the tables if needed, delete rows past use, and read the rest (oldest first)."""
-    txn.executescript(CACHE_SCHEMA)
+    ensure_schema_txn(txn)
     meta = dict(txn.execute("SELECT name, value FROM cache_meta").fetchall())
     expired = txn.execute("DELETE FROM cache_entries WHERE keep_until <= ?", (now,)).rowcount
     rows = [
@@ -136,6 +143,7 @@ def write_cache_txn(txn: sqlite3.Cursor, ops: Sequence[tuple[Any, ...]]) -> None
         "soften_all": "UPDATE cache_entries SET fresh_until = MIN(fresh_until, ?), soft = 1",
         "log_id": "INSERT OR REPLACE INTO cache_meta (name, value) VALUES ('log_id', ?)",
     }
+    ensure_schema_txn(txn)
     i = 0
     while i < len(ops):
         kind = ops[i][0]
@@ -148,6 +156,7 @@ def write_cache_txn(txn: sqlite3.Cursor, ops: Sequence[tuple[Any, ...]]) -> None
 
 def delete_log_txn(txn: sqlite3.Cursor, log_id: str | None) -> None:
     """Drop every row and record the log id the (now empty) table belongs to."""
+    ensure_schema_txn(txn)
     txn.execute("DELETE FROM cache_entries")
     if log_id is None:
         txn.execute("DELETE FROM cache_meta WHERE name = 'log_id'")

@@ -511,7 +511,13 @@ class EdgeCache:
     def invalidate_event(self, event: CacheInvalidated) -> None:
         """Apply one ``cache_invalidated`` event (a state cache listener)."""
         selector = Selector.parse(event.tags, event.keys, event.prefixes, event.all)
-        self.invalidate(selector, soft=event.soft)
+        affected = self.invalidate(selector, soft=event.soft)
+        log.info(
+            "applied cache_invalidated seq {seq} ({how}): {n} entries",
+            seq=event.seq,
+            how="soft" if event.soft else "hard",
+            n=affected,
+        )
 
     def invalidate(self, selector: Selector, *, soft: bool, local: bool = False) -> int:
         """Drop or soften every variant of every selected key now, and persist that now.
@@ -703,6 +709,7 @@ class EdgeCache:
         *,
         soft: bool = False,
         verified: bool = True,
+        tags: tuple[str, ...] | None = None,
     ) -> Entry:
         etags = values(headers, b"etag")
         modified = values(headers, b"last-modified")
@@ -715,7 +722,7 @@ class EdgeCache:
             headers=tuple(headers),
             serve_headers=group_headers(headers, self._drop),
             body=body,
-            tags=parse_tags(values(headers, self.tag_header)),
+            tags=parse_tags(values(headers, self.tag_header)) if tags is None else tags,
             request_time=when.request_time,
             response_time=when.response_time,
             initial_age=when.initial_age,
@@ -758,6 +765,7 @@ class EdgeCache:
             row.stored_at,
             soft=row.soft,
             verified=False,
+            tags=tuple(meta["tags"]),
         )
 
 

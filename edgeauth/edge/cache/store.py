@@ -66,6 +66,7 @@ class Entry:
     soft: bool = False
     verified: bool = True
     size: int = 0
+    header_template: dict[bytes, list[bytes]] | None = attrs.field(default=None, repr=False)
 
     def __attrs_post_init__(self) -> None:
         if not self.size:
