@@ -202,7 +202,8 @@ class Fetch:
             if self.stale is not None:
                 cache.drop_entry(self.stale)
             if self.registered:
-                cache.mark_uncacheable(self.fill_id)
+                if status < 500:  # a passing origin error must not switch collapsing off
+                    cache.mark_uncacheable(self.fill_id)
                 self._hand_back_waiters()
         leader = self._leader()
         if leader is not None:

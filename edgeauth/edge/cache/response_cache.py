@@ -21,25 +21,23 @@ entry served (while refreshing, or because the origin failed and ``stale-if-erro
 
 Invalidations (:meth:`invalidate_event`, from the state's ``cache_listeners``) act on the store at
 once and are persisted in the same reactor turn (see :mod:`edgeauth.edge.cache.persist` for the
-ordering this guarantees). Origin responses that were in flight when an invalidation came are
-checked against it when they arrive: one that a hard invalidation matches is not stored, and one
-that a soft invalidation matches is stored stale, so nothing fetched before a purge is ever stored
-as fresh after it. After a snapshot bootstrap (:meth:`reset`) everything is dropped.
+ordering this guarantees); responses in flight are checked against them when they arrive
+(:mod:`edgeauth.edge.cache.contents`), and a hard one also lets new requests start a new fill
+instead of waiting for one sent before it. After a snapshot bootstrap (:meth:`reset`) everything is
+dropped.
 
-At start (:meth:`load`) entries are read from the SQLite file *unverified*: until the first
-catch-up with the master is applied (:meth:`confirm`), they are used only after a successful
-revalidation with the origin, so an invalidation posted while the edge was down never yields a
-stale HIT. The edge service also holds its proxy listener back, for a bounded time, until that
-catch-up, so that a restarted edge serves HITs at once when the master is reachable.
+At start (:meth:`load`) entries are read *unverified*: until the first catch-up with the master is
+applied (:meth:`confirm`), they are used only after a successful revalidation with the origin, so
+an invalidation posted while the edge was down never yields a stale HIT. The edge service also
+holds its proxy listener back, for a bounded time, until that catch-up, so that a restarted edge
+serves HITs at once when the master is reachable.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Final
 
-import attrs
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -48,30 +46,25 @@ from twisted.web.server import Request
 
 from edgeauth.config import CacheSettings
 from edgeauth.edge.cache.collapse import Collapser, RefreshLimiter
+from edgeauth.edge.cache.contents import CacheContents
 from edgeauth.edge.cache.fetch import Fetch, RequestContext
-from edgeauth.edge.cache.persist import CachePersister, StoredRow
 from edgeauth.edge.cache.policy import (
     NO_RULES,
     Selector,
-    Timing,
     group_headers,
     merge_not_modified,
-    parse_selector,
-    parse_tags,
     request_key,
     request_rules,
     split_key,
-    timing,
-    values,
     variant_key,
     vary_names,
 )
 from edgeauth.edge.cache.respond import BYPASS, HIT, MISS, STALE, X_CACHE, alive, serve_entry
-from edgeauth.edge.cache.store import CacheStore, Entry
+from edgeauth.edge.cache.store import Entry
 from edgeauth.edge.metrics import EdgeMetrics
 from edgeauth.edge.origin import OriginError, OriginPool, OriginUnreachableError
 from edgeauth.edge.proxy import BodySink, trust_nobody, write_json
-from edgeauth.edge.ttl import TTLContext, TTLPipeline, resolve_ttl
+from edgeauth.edge.ttl import TTLPipeline
 from edgeauth.events import CacheInvalidated
 
 __all__ = ["EdgeCache"]
@@ -82,17 +75,6 @@ _LABEL: Final = "_edgeauth_cache_label"
 _GET: Final = b"GET"
 _HEAD: Final = b"HEAD"
 _UNSAFE: Final = frozenset({b"POST", b"PUT", b"DELETE", b"PATCH"})
-_NOT_SERVED: Final = frozenset({b"age", b"x-cache", b"content-length", b"transfer-encoding"})
-_MAX_UNCACHEABLE: Final = 10000
-_MAX_LOG: Final = 4096
-
-
-@attrs.frozen
-class _Invalidated:
-    seq: int
-    selector: Selector
-    soft: bool
-    at: float
 
 
 def _peer(request: Request) -> str | None:
@@ -148,34 +130,31 @@ class EdgeCache:
         self.max_object_bytes = settings.max_object_bytes
         self.tag_header = settings.tag_header.lower().encode("ascii")
         self.strip_tag_header = settings.strip_tag_header
-        self.ttl = ttl
         self.base_path = base_path.rstrip(b"/")
         self.origin_host = origin_host
         self.is_trusted = is_trusted
         self.via = via
-        self.uncacheable_for = uncacheable_for
         self._client_ip = client_ip
-        self.store = CacheStore(settings.max_entries, settings.max_bytes)
+        self.contents = CacheContents(
+            reactor,
+            settings,
+            ttl,
+            run_interaction=run_interaction,
+            log_id=log_id,
+            metrics=metrics,
+            uncacheable_for=uncacheable_for,
+        )
+        self.store = self.contents.store
+        self.persister = self.contents.persister
         self.collapser: Collapser[Request] = Collapser(
             reactor,
             pool.response_timeout if max_wait is None else max_wait,
             self._wait_expired,
         )
         self.refreshes = RefreshLimiter(settings.max_refreshes, max_queue=settings.max_entries)
-        self.persister = (
-            None if run_interaction is None else CachePersister(run_interaction, reactor, log_id)
-        )
-        self._log_id = log_id
-        self._drop = _NOT_SERVED | ({self.tag_header} if self.strip_tag_header else set())
         self._fetches: set[Fetch] = set()
-        self._log: list[_Invalidated] = []
-        self._log_floor = 0
-        self._seq = 0
-        self._uncacheable: OrderedDict[str, float] = OrderedDict()
-        self.confirmed = True
         self.closing = False
         self.counts = dict.fromkeys(("hit", "miss", "stale", "bypass"), 0)
-        self._metrics = metrics
         if metrics is not None:
             metrics.bind_cache(
                 entries=lambda: len(self.store),
@@ -225,12 +204,12 @@ class EdgeCache:
         fill_id = key + "\x00" + variant
         if rules.no_store:
             return self._bypass(request, BYPASS) if to_proxy else self._pass(request, fill_id)
-        if method == _HEAD or not self.enabled or self._is_uncacheable(fill_id, now):
+        if method == _HEAD or not self.enabled or self.contents.is_uncacheable(fill_id, now):
             return self._bypass(request, MISS) if to_proxy else self._pass(request, fill_id)
         if rules.revalidate or not collapse:
             return self._pass(request, fill_id, entry)
         self._tally("miss")
-        if self.collapser.join(fill_id, request, self._seq):
+        if self.collapser.join(fill_id, request, self.contents.seq):
             request.notifyFinish().addErrback(lambda _: self.collapser.leave(fill_id, request))
             return True
         fetch = Fetch(
@@ -241,7 +220,7 @@ class EdgeCache:
             leader=request,
             stale=entry,
             registered=True,
-            seq=self._seq,
+            seq=self.contents.seq,
         )
         fetch.start()
         return True
@@ -261,7 +240,7 @@ class EdgeCache:
             leader=request,
             stale=entry,
             registered=False,
-            seq=self._seq,
+            seq=self.contents.seq,
         )
         fetch.start()
         return True
@@ -303,16 +282,9 @@ class EdgeCache:
 
     def fetch_ended(self, fetch: Fetch) -> None:
         """Forget a fetch; trim the invalidation log once nobody needs its old part."""
-        self._fetches.discard(fetch)
-        if not self._fetches:
-            self._log.clear()
-            self._log_floor = self._seq
-        elif len(self._log) > _MAX_LOG:
-            oldest = min(f.seq for f in self._fetches)
-            self._log = [inv for inv in self._log if inv.seq > oldest]
-            if len(self._log) > _MAX_LOG:
-                self._log_floor = self._log[len(self._log) // 2].seq
-                self._log = [inv for inv in self._log if inv.seq > self._log_floor]
+        fetches = self._fetches
+        fetches.discard(fetch)
+        self.contents.trim_log(min(f.seq for f in fetches) if fetches else None)
 
     def client_headers(self, headers: list[tuple[bytes, bytes]], label: bytes) -> Headers:
         """The response headers a client gets for a relayed origin response."""
@@ -329,10 +301,9 @@ class EdgeCache:
             The entry, and the seq of a hard invalidation that matched it while it was being
             fetched (it is not stored then) or None.
         """
-        now = self.clock.seconds()
         headers = fetch.headers
         vary = vary_names(headers) or ()
-        entry = self._entry(
+        entry = self.contents.build(
             key=fetch.key,
             variant=variant_key(vary, fetch.context.headers),
             vary=vary,
@@ -341,17 +312,16 @@ class EdgeCache:
             headers=headers,
             body=body,
             request_time=fetch.request_time,
-            now=now,
-            context=fetch.context,
+            client_ip=fetch.context.client_ip,
+            path=fetch.context.path,
         )
-        return entry, self._keep(fetch, entry)
+        return entry, self.contents.keep(fetch.seq, entry)
 
     def store_refreshed(
         self, fetch: Fetch, stale: Entry, headers: list[tuple[bytes, bytes]]
     ) -> tuple[Entry, int | None]:
         """Refresh ``stale`` from a 304 (RFC 9111 §4.3.4); store it unless invalidated."""
-        now = self.clock.seconds()
-        entry = self._entry(
+        entry = self.contents.build(
             key=stale.key,
             variant=stale.variant,
             vary=stale.vary,
@@ -360,72 +330,21 @@ class EdgeCache:
             headers=merge_not_modified(stale.headers, headers),
             body=stale.body,
             request_time=fetch.request_time,
-            now=now,
-            context=fetch.context,
+            client_ip=fetch.context.client_ip,
+            path=fetch.context.path,
         )
-        return entry, self._keep(fetch, entry)
-
-    def _keep(self, fetch: Fetch, entry: Entry) -> int | None:
-        hard: int | None = None
-        soft_at: float | None = None
-        if fetch.seq < self._log_floor:
-            hard = self._log_floor  # too old to know what it missed: do not store
-        for inv in self._log:
-            if inv.seq > fetch.seq and inv.selector.matches(entry.key, entry.tags):
-                if inv.soft:
-                    soft_at = inv.at if soft_at is None else min(soft_at, inv.at)
-                else:
-                    hard = inv.seq if hard is None else max(hard, inv.seq)
-        if hard is not None:
-            return hard
-        if soft_at is not None:
-            entry.fresh_until = min(entry.fresh_until, soft_at)
-            entry.soft = True
-        self._put(entry)
-        return None
+        return entry, self.contents.keep(fetch.seq, entry)
 
     def _put(self, entry: Entry) -> None:
-        evicted = self.store.evictions
-        removed = self.store.put(entry)
-        if self._metrics is not None and self.store.evictions != evicted:
-            self._metrics.cache_evictions.inc(self.store.evictions - evicted)
-        if removed == [entry]:
-            return
-        persister = self.persister
-        if persister is None:
-            return
-        same_row = False
-        for old in removed:
-            if old.key == entry.key and old.variant == entry.variant and old.body is entry.body:
-                same_row = True
-            else:
-                persister.delete(old)
-        if same_row:
-            persister.update(entry)
-        else:
-            persister.put(entry)
+        self.contents.put(entry)
 
     def drop_entry(self, entry: Entry) -> None:
         """Remove an entry the origin no longer lets us store."""
-        if self.store.remove(entry) and self.persister is not None:
-            self.persister.delete(entry)
+        self.contents.drop(entry)
 
     def mark_uncacheable(self, fill_id: str) -> None:
         """Let requests for ``fill_id`` skip collapsing for a while (it was not storable)."""
-        marks = self._uncacheable
-        marks[fill_id] = self.clock.seconds() + self.uncacheable_for
-        marks.move_to_end(fill_id)
-        while len(marks) > _MAX_UNCACHEABLE:
-            marks.popitem(last=False)
-
-    def _is_uncacheable(self, fill_id: str, now: float) -> bool:
-        until = self._uncacheable.get(fill_id)
-        if until is None:
-            return False
-        if until > now:
-            return True
-        del self._uncacheable[fill_id]
-        return False
+        self.contents.mark_uncacheable(fill_id)
 
     def answer(self, request: Request, entry: Entry, label: bytes, fetch: Fetch) -> None:
         """Serve a request that waited for ``fetch`` from ``entry`` (if its variant matches)."""
@@ -498,7 +417,7 @@ class EdgeCache:
                 leader=None,
                 stale=current,
                 registered=True,
-                seq=self._seq,
+                seq=self.contents.seq,
             )
             fetch.release = release
             fetch.start()
@@ -525,76 +444,38 @@ class EdgeCache:
         Returns:
             How many entries were affected.
         """
-        now = self.clock.seconds()
-        self._seq += 1
-        if self._fetches:
-            self._log.append(_Invalidated(self._seq, selector, soft, now))
-        result = self.store.invalidate(selector, soft=soft, now=now)
+        fetches = self._fetches
+        result = self.contents.invalidate(selector, soft=soft, fetching=bool(fetches), local=local)
         if not soft:
             # Later requests must not wait for (and get) what was fetched before the purge.
-            for fetch in self._fetches:
+            for fetch in fetches:
                 if fetch.fill is not None and (
-                    fetch.key in result.keys or selector.matches(fetch.key, ())
+                    result.everything or fetch.key in result.keys or selector.matches(fetch.key, ())
                 ):
                     self.collapser.detach(fetch.fill_id)
-        persister = self.persister
-        if persister is not None:
-            if selector.all and not soft:
-                persister.clear()
-            elif selector.all:
-                persister.soften_all(now)
-            else:
-                for entry in result.removed:
-                    persister.delete(entry)
-                for entry in result.softened:
-                    persister.soften(entry)
-                persister.flush()
-        affected = len(result.removed) + len(result.softened)
-        if self._metrics is not None and not local:
-            kind = "soft" if soft else "hard"
-            self._metrics.cache_invalidations.labels(kind=kind).inc()
-            self._metrics.cache_invalidated_entries.labels(kind=kind).inc(affected)
-        return affected
+        return len(result.removed) + len(result.softened)
 
     def reset(self) -> None:
         """Drop everything: a snapshot bootstrap means invalidations may have been missed."""
         dropped = self.invalidate(Selector(all=True), soft=False, local=True)
         self.refreshes.clear()
-        self._uncacheable.clear()
+        self.contents.forget_uncacheable()
         log.info("response cache cleared after a snapshot bootstrap ({n} entries)", n=dropped)
+
+    @property
+    def confirmed(self) -> bool:
+        """Whether no entry read at start waits for the first catch-up."""
+        return self.contents.confirmed
 
     def confirm(self) -> None:
         """The first catch-up is applied: entries read at start may be used as they are."""
-        if self.confirmed:
-            return
-        self.confirmed = True
-        for entry in self.store:
-            entry.verified = True
+        self.contents.confirm()
 
     # -- start and stop -----------------------------------------------------------------------
 
     async def load(self, log_id: str | None) -> int:
         """Read the stored entries (unverified until :meth:`confirm`); return how many."""
-        persister = self.persister
-        if persister is None:
-            return 0
-        loaded = await persister.load(self.clock.seconds())
-        if loaded.rows and loaded.log_id != log_id:
-            await persister.drop_all(log_id)
-            log.info("dropped {n} cached entries of another log", n=len(loaded.rows))
-            return 0
-        for row in loaded.rows:
-            entry = self._entry_from_row(row)
-            for old in self.store.put(entry):
-                persister.delete(old)
-        count = len(self.store)
-        self.confirmed = count == 0
-        log.info(
-            "response cache loaded: {n} entries ({expired} expired ones deleted)",
-            n=count,
-            expired=loaded.expired,
-        )
-        return count
+        return await self.contents.load(log_id)
 
     async def close(self) -> None:
         """Stop fetching and write what is queued."""
@@ -602,8 +483,7 @@ class EdgeCache:
         self.refreshes.clear()
         for fetch in list(self._fetches):
             fetch.cancel()
-        if self.persister is not None:
-            await self.persister.close()
+        await self.contents.close()
 
     # -- views ------------------------------------------------------------------------------
 
@@ -613,40 +493,7 @@ class EdgeCache:
 
     def explain_url(self, url: str) -> dict[str, Any] | None:
         """The stored variants of ``url`` (host/path, scheme://host/path, or /path on any host)."""
-        host, target = parse_selector(url)
-        keys = [host + target] if host is not None else self.store.keys_for_target(target)
-        keys = [k for k in keys if self.store.variants(k)]
-        if not keys:
-            return None
-        now = self.clock.seconds()
-        variants = sorted(self.store.variants(keys[0]), key=lambda e: -e.stored_at)
-        first = variants[0]
-        return {
-            "key": keys[0],
-            "state": first.state(now),
-            "age": round(first.age(now), 3),
-            "ttl": round(first.ttl, 3),
-            "expires_in": round(first.fresh_until - now, 3),
-            "tags": sorted({t for e in variants for t in e.tags}),
-            "variants": [self._variant_doc(e, now) for e in variants],
-            "other_keys": keys[1:],
-        }
-
-    @staticmethod
-    def _variant_doc(entry: Entry, now: float) -> dict[str, Any]:
-        return {
-            "variant": entry.variant,
-            "vary": [n.decode("latin-1") for n in entry.vary],
-            "status": entry.status,
-            "state": entry.state(now),
-            "age": round(entry.age(now), 3),
-            "ttl": round(entry.ttl, 3),
-            "expires_in": round(entry.fresh_until - now, 3),
-            "stale_for": round(max(0.0, entry.stale_until - max(now, entry.fresh_until)), 3),
-            "soft_purged": entry.soft,
-            "tags": list(entry.tags),
-            "bytes": len(entry.body),
-        }
+        return self.contents.explain_url(url)
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -666,106 +513,6 @@ class EdgeCache:
             peer=_peer(request),
             secure=request.isSecure(),
             client_ip=self._client_ip(request) if self._client_ip else (_peer(request) or ""),
-        )
-
-    def _entry(
-        self,
-        *,
-        key: str,
-        variant: str,
-        vary: tuple[bytes, ...],
-        status: int,
-        reason: bytes,
-        headers: list[tuple[bytes, bytes]],
-        body: bytes,
-        request_time: float,
-        now: float,
-        context: RequestContext,
-    ) -> Entry:
-        def pipeline(granted: float) -> float:
-            ctx = TTLContext(
-                client_ip=context.client_ip,
-                method=_GET,
-                path=context.path,
-                response_headers=headers,
-                now=now,
-            )
-            return resolve_ttl(ctx, granted, self.ttl)
-
-        when = timing(headers, request_time, now, pipeline)
-        return self._make(key, variant, vary, status, reason, headers, body, when, now)
-
-    def _make(
-        self,
-        key: str,
-        variant: str,
-        vary: tuple[bytes, ...],
-        status: int,
-        reason: bytes,
-        headers: list[tuple[bytes, bytes]],
-        body: bytes,
-        when: Timing,
-        stored_at: float,
-        *,
-        soft: bool = False,
-        verified: bool = True,
-        tags: tuple[str, ...] | None = None,
-    ) -> Entry:
-        etags = values(headers, b"etag")
-        modified = values(headers, b"last-modified")
-        return Entry(
-            key=key,
-            variant=variant,
-            vary=vary,
-            status=status,
-            reason=reason,
-            headers=tuple(headers),
-            serve_headers=group_headers(headers, self._drop),
-            body=body,
-            tags=parse_tags(values(headers, self.tag_header)) if tags is None else tags,
-            request_time=when.request_time,
-            response_time=when.response_time,
-            initial_age=when.initial_age,
-            ttl=when.ttl,
-            fresh_until=when.fresh_until,
-            stale_until=when.stale_until,
-            error_until=when.error_until,
-            must_revalidate=when.must_revalidate,
-            no_cache=when.no_cache,
-            etag=etags[0] if etags else None,
-            last_modified=modified[0] if modified else None,
-            stored_at=stored_at,
-            soft=soft,
-            verified=verified,
-        )
-
-    def _entry_from_row(self, row: StoredRow) -> Entry:
-        meta = row.meta
-        headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in meta["headers"]]
-        when = Timing(
-            request_time=meta["request_time"],
-            response_time=meta["response_time"],
-            initial_age=meta["initial_age"],
-            ttl=meta["ttl"],
-            fresh_until=row.fresh_until,
-            stale_until=meta["stale_until"],
-            error_until=meta["error_until"],
-            must_revalidate=meta["must_revalidate"],
-            no_cache=meta["no_cache"],
-        )
-        return self._make(
-            row.key,
-            row.variant,
-            tuple(n.encode("latin-1") for n in meta["vary"]),
-            meta["status"],
-            meta["reason"].encode("latin-1"),
-            headers,
-            row.body,
-            when,
-            row.stored_at,
-            soft=row.soft,
-            verified=False,
-            tags=tuple(meta["tags"]),
         )
 
 

@@ -110,11 +110,15 @@ class Entry:
 
 @attrs.frozen
 class Invalidation:
-    """What one invalidation did: entries removed, entries softened, keys matched."""
+    """What one invalidation did: entries removed, entries softened, keys matched.
+
+    For ``all`` (``everything``), ``keys`` is left empty: every key matched.
+    """
 
     removed: list[Entry]
     softened: list[Entry]
     keys: set[str]
+    everything: bool = False
 
 
 class SortedStrings:
@@ -172,16 +176,20 @@ class SortedStrings:
     def starting_with(self, prefix: str) -> list[str]:
         """Every value that starts with ``prefix``, in order."""
         out: list[str] = []
+        lists = self._lists
         i = bisect_left(self._maxes, prefix)
-        if i == len(self._maxes):
+        if i == len(lists):
             return out
-        j = bisect_left(self._lists[i], prefix)
-        for chunk in self._lists[i:]:
-            for value in chunk[j:] if j else chunk:
+        j = bisect_left(lists[i], prefix)
+        while i < len(lists):
+            chunk = lists[i]
+            while j < len(chunk):
+                value = chunk[j]
                 if not value.startswith(prefix):
                     return out
                 out.append(value)
-            j = 0
+                j += 1
+            i, j = i + 1, 0
         return out
 
     def __iter__(self) -> Iterator[str]:
@@ -350,9 +358,14 @@ class CacheStore:
 
     def invalidate(self, selector: Selector, *, soft: bool, now: float) -> Invalidation:
         """Drop (hard) or mark stale (soft) every variant of every selected key."""
-        if selector.all and not soft:
-            keys = set(self._groups)
-            return Invalidation(self.clear(), [], keys)
+        if selector.all:
+            if not soft:
+                return Invalidation(self.clear(), [], set(), everything=True)
+            for entry in self._lru:
+                if entry.fresh_until > now:
+                    entry.fresh_until = now
+                entry.soft = True
+            return Invalidation([], list(self._lru), set(), everything=True)
         keys = self.matching_keys(selector)
         removed: list[Entry] = []
         softened: list[Entry] = []
