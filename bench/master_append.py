@@ -11,6 +11,11 @@ byte of its answer. Every run is bounded by time (warm-up, then a fixed window).
 over repeats of acknowledged requests per second, p50/p99 latency, server CPU per request, and the
 load generator's own CPU use (near 100 % would mean it is the bottleneck).
 
+``--access-log MODE`` sets ``[master] access_log`` (otherwise the product default applies).
+``--paired ROUNDS`` compares instead, at 64 clients, masters with several access log modes (and,
+with ``--other PATH``, one run from another source tree, e.g. the code before a change) and the
+baseline, all started once and loaded in turn, in random order each round: the per-round ratios
+are steadier than separate runs on a noisy machine.
 Modes used internally: ``--serve-baseline`` (the bare resource) and ``--load`` (the client).
 """
 
@@ -284,7 +289,36 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured start of each run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=None, help="where the database lives")
+    parser.add_argument(
+        "--access-log",
+        choices=("twistd", "off", "buffered", "sampled"),
+        default=None,
+        help="[master] access_log for the master (default: the product default, twistd)",
+    )
+    parser.add_argument(
+        "--paired",
+        type=int,
+        metavar="ROUNDS",
+        default=0,
+        help="instead: alternate the masters of --modes (and --other) with the baseline, 64 "
+        "clients, ROUNDS rounds in random order, and print medians and per-round ratios",
+    )
+    parser.add_argument(
+        "--modes",
+        default="twistd,off,buffered",
+        help="with --paired: the access_log modes to compare (comma-separated)",
+    )
+    parser.add_argument(
+        "--other",
+        default=None,
+        metavar="PYTHONPATH",
+        help="with --paired: also a master run from this source tree (e.g. a `git archive "
+        "HEAD edgeauth` export: the code before a change), with its default settings",
+    )
     args = parser.parse_args()
+    if args.paired:
+        paired(args)
+        return
 
     from edgeauth.master import log as event_log
     from edgeauth.master.service import _SITE_OPTIONS
@@ -297,9 +331,12 @@ def main() -> None:
         work = Path(tmp)
         ini = work / "master.ini"
         database = work / "master.sqlite3"
+        access = ""
+        if args.access_log is not None:
+            access = f"access_log = {args.access_log}\naccess_log_path = {work / 'access.log'}\n"
         ini.write_text(
-            "[master]\nlisten = tcp:0:interface=127.0.0.1\n"
-            f"database = {database}\n[tokens]\nops = operator env:EDGEAUTH_OPERATOR_TOKEN\n"
+            f"[master]\nlisten = tcp:0:interface=127.0.0.1\ndatabase = {database}\n{access}"
+            "[tokens]\nops = operator env:EDGEAUTH_OPERATOR_TOKEN\n"
         )
         print("edgeauth master append benchmark")
         print(f"  python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load {os.getloadavg()}")
@@ -307,9 +344,14 @@ def main() -> None:
         print("  SQLite journal_mode=WAL, synchronous=FULL (as edgeauth.master.log sets it)")
         print(f"  4 KiB write+fsync on that filesystem: median {fsync_ms(work):.2f} ms")
         print(f"  twisted.web Site options of master and baseline: {_SITE_OPTIONS or 'defaults'}")
+        import edgeauth
+
+        print(f"  master package: {Path(edgeauth.__file__).parent} (this process's edgeauth)")
+        mode = args.access_log or "the default"
         print(
-            "  the master logs to a file (twistd --logfile): an access line and an audit line per "
-            "ban; the baseline logs nothing"
+            f"  the master logs to a file (twistd --logfile) an audit line per ban; access_log = "
+            f"{mode} (twistd: one more line per request in that file, buffered/sampled: lines "
+            "written off the reactor thread to access.log); the baseline logs nothing"
         )
         print(
             f"  {args.repeats} repeats x {args.seconds:g} s (+{args.warmup:g} s warm-up) per "
@@ -376,6 +418,84 @@ def main() -> None:
     verdict = "meets" if m64 >= GOAL_64 else "misses"
     print(f"goal >= {GOAL_64:.0f}/s at 64 clients: {verdict} ({m64:.0f}/s)")
 
+    print(f"load at the end {os.getloadavg()} (other processes share these CPUs)")
+
+
+def paired(args: argparse.Namespace) -> None:
+    """Alternate several masters and the baseline at 64 clients; every server stays up."""
+    import random
+
+    bin_dir = Path(sys.executable).parent
+    configs: dict[str, tuple[str | None, str]] = {}
+    if args.other:
+        configs["other tree"] = (args.other, "")
+    for mode in args.modes.split(","):
+        configs[f"access_log={mode}"] = (None, f"access_log = {mode}\n")
+    print(f"edgeauth master append benchmark, paired: {args.paired} rounds x 64 clients")
+    print(f"  python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load {os.getloadavg()}")
+    print(f"  {args.seconds:g} s (+{args.warmup:g} s warm-up) per server and round, random order")
+    with (
+        tempfile.TemporaryDirectory(prefix="edgeauth-bench-", dir=args.dir) as tmp,
+        contextlib.ExitStack() as stack,
+    ):
+        targets: dict[str, tuple[int, int]] = {}
+        for index, (name, (pythonpath, keys)) in enumerate(configs.items()):
+            work = Path(tmp) / str(index)
+            work.mkdir()
+            ini = work / "master.ini"
+            if pythonpath is None:  # this tree: the access log keys apply
+                keys += f"access_log_path = {work / 'access.log'}\n"
+            ini.write_text(
+                f"[master]\nlisten = tcp:0:interface=127.0.0.1\n"
+                f"database = {work / 'master.sqlite3'}\n{keys}"
+                "[tokens]\nops = operator env:EDGEAUTH_OPERATOR_TOKEN\n"
+            )
+            env = {**os.environ, "EDGEAUTH_OPERATOR_TOKEN": TOKEN}
+            if pythonpath is not None:
+                env["PYTHONPATH"] = pythonpath
+            argv = [str(bin_dir / "twistd"), "-n", "--pidfile=", "--logfile"]
+            argv += [str(work / "twistd.log"), "edgeauth-master", "--config", str(ini)]
+            targets[name] = stack.enter_context(server(argv, work / "twistd.log", env))
+        env = {**os.environ, "EDGEAUTH_OPERATOR_TOKEN": TOKEN}
+        baseline_argv = [sys.executable, __file__, "--serve-baseline"]
+        targets["baseline"] = stack.enter_context(
+            server(baseline_argv, Path(tmp) / "baseline.out", env)
+        )
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+        first = 0
+        for round_ in range(args.paired):
+            order = list(targets)
+            random.shuffle(order)
+            for name in order:
+                pid, port = targets[name]
+                cpu_before = cpu_seconds(pid)
+                result = run_load(port, 64, args.warmup, args.seconds, first)
+                first += 150_000
+                result["server_cpu_us"] = 1e6 * (cpu_seconds(pid) - cpu_before) / result["answered"]
+                runs[name].append(result)
+            print(
+                f"  round {round_ + 1}: "
+                + ", ".join(
+                    f"{name} {runs[name][-1]['rps']:.0f}/s {runs[name][-1]['server_cpu_us']:.0f} us"
+                    for name in targets
+                ),
+                flush=True,
+            )
+    print()
+    print(
+        "| server | median req/s | min-max req/s | CPU us/req | p99 ms | / baseline (per round) |"
+    )
+    print("|---|---|---|---|---|---|")
+    for name, results in runs.items():
+        rps = [r["rps"] for r in results]
+        ratio = statistics.median(
+            r["rps"] / b["rps"] for r, b in zip(results, runs["baseline"], strict=True)
+        )
+        print(
+            f"| {name} | {median(rps):.0f} | {min(rps):.0f}-{max(rps):.0f} "
+            f"| {median([r['server_cpu_us'] for r in results]):.0f} "
+            f"| {median([r['p99_ms'] for r in results]):.1f} | {ratio:.2f} |"
+        )
     print(f"load at the end {os.getloadavg()} (other processes share these CPUs)")
 
 

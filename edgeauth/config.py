@@ -267,6 +267,13 @@ class MasterSettings:
         tls_client_required: whether the TLS handshake fails without a valid client certificate.
         tls_client_roles: ``(common name, role)`` pairs: a client whose verified certificate has
             that subject CN is authorised with that role without a bearer token.
+        access_log: ``twistd`` (one line per request in the process log, through twistd's
+            observer: ~34 µs a request), ``off``, ``buffered`` (written in batches off the
+            reactor thread) or ``sampled`` (one request in ``access_log_sample``, buffered).
+            Whatever the mode, every write is also logged once in the process log (the audit
+            line: type, subject, source, seq).
+        access_log_path: the access log file (needed for ``buffered`` and ``sampled``).
+        access_log_sample: with ``sampled``, log one request in this many.
     """
 
     listen: str = _field("tcp:4000:interface=127.0.0.1", _endpoint)
@@ -284,6 +291,9 @@ class MasterSettings:
     tls_client_ca: str | None = _field(None, _optional)
     tls_client_required: bool = _field(False, _bool)
     tls_client_roles: tuple[tuple[str, str], ...] = _field((), _comma_list(_client_role))
+    access_log: str = _field("twistd", _choice("twistd", "off", "buffered", "sampled"))
+    access_log_path: str | None = _field(None, _optional)
+    access_log_sample: int = _field(100, _number(int, 1))
 
 
 @attrs.frozen(kw_only=True)
@@ -758,9 +768,10 @@ def _cross_check(settings: Settings, raw: _Raw) -> None:
         if any(not a.startswith("HS") for a in gate.jwt_algorithms) and gate.jwks_file is None:
             why = "required when protect is set and a public-key algorithm is used"
             raise _fail(why, "gate", "jwks_file", raw, settings.path)
-    if settings.edge.access_log != "off" and not settings.edge.access_log_path:
-        why = f"required when access_log = {settings.edge.access_log}"
-        raise _fail(why, "edge", "access_log_path", raw, settings.path)
+    for section, role in (("master", master), ("edge", edge)):
+        if role.access_log in ("buffered", "sampled") and not role.access_log_path:
+            why = f"required when access_log = {role.access_log}"
+            raise _fail(why, section, "access_log_path", raw, settings.path)
     if cache.max_object_bytes > cache.max_bytes:
         why = f"must not exceed max_bytes ({cache.max_bytes}), got {cache.max_object_bytes}"
         raise _fail(why, "cache", "max_object_bytes", raw, settings.path)

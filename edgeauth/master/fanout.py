@@ -1,22 +1,38 @@
 """Fan-out of committed events to live readers: SSE subscribers and waiting long-polls.
 
-Every commit is encoded once per frame kind and the same bytes are written to every live
-subscriber, so the cost of an event grows with the number of sockets, not with JSON work.
-Subscribers that do not drain their socket are disconnected (they catch up by offset when they
-come back), SSE connections are cycled after ``sse_cycle`` with jitter, and a ``: ping`` comment
-goes out after ``ping_interval`` of silence. The fleet view (``GET /fleet``) is kept here too.
+Every commit is encoded once per frame kind, and for HTTP/1.1 readers once more as a chunk of the
+chunked response body; the same bytes object is then written to every live subscriber's transport
+(one ``write`` each, nothing copied per reader), so the cost of an event grows with the number of
+sockets, not with JSON work. The clock is read and the Prometheus byte counter incremented once
+per commit, not per reader. Subscribers that do not drain their socket are disconnected (they
+catch up by offset when they come back).
+
+One timer serves every subscriber (a ``LoopingCall`` running every ``min(1 s, ping_interval / 4,
+sse_cycle / 20)`` while any subscriber is connected): it writes a ``: ping`` comment to those
+silent for ``ping_interval`` and cycles the SSE connections whose deadline (``sse_cycle`` ±10 %
+jitter, drawn per subscriber) has passed. A ping or a cycle may thus come up to one tick late;
+in exchange no reader holds timers of its own (it held two ``DelayedCall`` objects, ~0.7 KiB).
+The fleet view (``GET /fleet``) is kept here too.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Sequence
 from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITCPTransport
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IPushProducer,
+    IReactorTime,
+    ITCPTransport,
+    ITransport,
+)
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.server import Request
 from zope.interface import implementer
@@ -30,6 +46,8 @@ log = Logger()
 
 PING = encode_comment("ping")
 FLEET_FORGET_AFTER = 300.0
+MAX_TICK = 1.0
+"""Longest period of the shared ping and cycle timer, seconds."""
 
 
 def stream_frames(records: Sequence[LogRecord], cursor: int, up_to_date: bool = True) -> bytes:
@@ -73,9 +91,15 @@ class FleetMember:
 
 
 @implementer(IPushProducer)
-@attrs.define(eq=False)
+@attrs.define(eq=False)  # slots: one of these lives as long as each SSE connection
 class Subscriber:
-    """One live SSE reader. It is its request's push producer, to see socket backpressure."""
+    """One live SSE reader. It is its request's push producer, to see socket backpressure.
+
+    Attributes:
+        cycle_at: when the shared timer ends this connection (``inf``: never).
+        transport: the connection's transport once the response is known to be HTTP/1.1
+            chunked; the fan-out then writes pre-framed chunks to it directly.
+    """
 
     fanout: Fanout
     request: Request
@@ -87,8 +111,8 @@ class Subscriber:
     paused: bool = False
     pending: int = 0
     last_write: float = 0.0
-    ping_call: IDelayedCall | None = None
-    cycle_call: IDelayedCall | None = None
+    cycle_at: float = math.inf
+    transport: ITransport | None = None
 
     def pauseProducing(self) -> None:
         """The socket buffer is full: count what is written until it drains."""
@@ -104,34 +128,59 @@ class Subscriber:
 
     def write(self, data: bytes) -> None:
         """Write bytes unless closed; disconnect the reader if it stopped draining."""
+        if self.send(data, None, self.fanout.clock.seconds()):
+            self.fanout.metrics.bytes_sent.labels(mode=self.kind).inc(len(data))
+
+    def send(self, data: bytes, chunk: bytes | None, now: float) -> bool:
+        """Write ``data`` without counting it; return False if it was not written.
+
+        ``chunk`` is ``data`` framed as one HTTP/1.1 chunk (the fan-out frames each commit once
+        for all readers); it is written straight to the transport when the response is chunked.
+        A reader that stopped draining is disconnected instead once ``max_buffer`` is exceeded.
+        """
         if self.closed:
-            return
+            return False
         if self.paused:
             self.pending += len(data)
             if self.pending > self.fanout.max_buffer:
-                self.fanout.metrics.slow_consumers.inc()
-                log.info(
-                    "disconnecting slow stream reader {edge} ({address})",
-                    edge=self.member.edge_id,
-                    address=self.member.address,
-                )
-                self.closed = True
-                transport = self.request.channel.transport
-                if ITCPTransport.providedBy(transport):
-                    transport.abortConnection()
-                elif transport is not None:
-                    transport.loseConnection()
-                return
-        self.last_write = self.fanout.clock.seconds()
-        self.fanout.metrics.bytes_sent.labels(mode=self.kind).inc(len(data))
-        self.request.write(data)
+                self._drop()
+                return False
+        self.last_write = now
+        request = self.request
+        transport = self.transport
+        if transport is not None and chunk is not None:
+            # What Request.write does for a chunked response, minus its per-write framing and
+            # the copy that joining the framing with the data costs.
+            transport.write(chunk)
+            request.sentLength += len(data)
+            return True
+        request.write(data)
+        if transport is None and getattr(request, "chunked", False) and request.channel:
+            self.transport = request.channel.transport
+        return True
+
+    def _drop(self) -> None:
+        self.fanout.metrics.slow_consumers.inc()
+        log.info(
+            "disconnecting slow stream reader {edge} ({address})",
+            edge=self.member.edge_id,
+            address=self.member.address,
+        )
+        self.closed = True
+        transport = self.request.channel.transport
+        if ITCPTransport.providedBy(transport):
+            transport.abortConnection()
+        elif transport is not None:
+            transport.loseConnection()
 
     def advance(self, records: Sequence[LogRecord], frames: bytes) -> None:
         """Send one commit already encoded for this subscriber's kind."""
+        now = self.fanout.clock.seconds()
         self.position = records[-1].seq
         self.member.offset = self.position
-        self.member.last_seen = self.fanout.clock.seconds()
-        self.write(frames)
+        self.member.last_seen = now
+        if self.send(frames, None, now):
+            self.fanout.metrics.bytes_sent.labels(mode=self.kind).inc(len(frames))
 
 
 @attrs.define(eq=False)
@@ -178,6 +227,10 @@ class Fanout:
         self.subscribers: set[Subscriber] = set()
         self.waiters: set[Waiter] = set()
         self.fleet: dict[str, FleetMember] = {}
+        self.tick = min(MAX_TICK, ping_interval / 4, sse_cycle / 20)
+        """Seconds between runs of the shared ping and cycle timer."""
+        self._timer = LoopingCall(self._tick)
+        self._timer.clock = clock
         event_log.add_listener(self._committed)
 
     # --- fleet ---------------------------------------------------------------------------
@@ -220,19 +273,22 @@ class Fanout:
     def subscribe(
         self, request: Request, kind: str, position: int, member: FleetMember, cycle: bool
     ) -> Subscriber:
-        """Register an SSE reader at ``position``; it receives commits once :meth:`go_live`."""
+        """Register an SSE reader at ``position``; it receives commits once it is ``live``."""
         sub = Subscriber(self, request, kind, position, member)
-        sub.last_write = self.clock.seconds()
+        sub.last_write = now = self.clock.seconds()
+        if cycle:
+            sub.cycle_at = now + self.sse_cycle * self.rng.uniform(0.9, 1.1)
         request.registerProducer(sub, True)
         self.subscribers.add(sub)
         member.connections += 1
         self.metrics.subscribers.labels(kind=kind).inc()
-        sub.ping_call = self.clock.callLater(self.ping_interval, self._ping, sub)
-        if cycle:
-            delay = self.sse_cycle * self.rng.uniform(0.9, 1.1)
-            sub.cycle_call = self.clock.callLater(delay, self._cycle, sub)
-        request.notifyFinish().addBoth(lambda _: self._unsubscribe(sub))
+        if not self._timer.running:
+            self._timer.start(self.tick, now=False)
+        request.notifyFinish().addBoth(self._finished, sub)
         return sub
+
+    def _finished(self, _: object, sub: Subscriber) -> None:
+        self._unsubscribe(sub)
 
     def _unsubscribe(self, sub: Subscriber) -> None:
         if sub not in self.subscribers:
@@ -242,19 +298,24 @@ class Fanout:
         sub.member.connections -= 1
         sub.member.last_seen = self.clock.seconds()
         self.metrics.subscribers.labels(kind=sub.kind).dec()
-        for call in (sub.ping_call, sub.cycle_call):
-            if call is not None and call.active():
-                call.cancel()
+        if not self.subscribers and self._timer.running:
+            self._timer.stop()
 
-    def _ping(self, sub: Subscriber) -> None:
-        if sub.closed:
-            return
-        silent_for = self.clock.seconds() - sub.last_write
-        if silent_for >= self.ping_interval - 0.001:
+    def _tick(self) -> None:
+        """Ping the subscribers silent for ``ping_interval``, cycle those past their deadline."""
+        now = self.clock.seconds()
+        silent_since = now - self.ping_interval + 0.001
+        silent: list[Subscriber] = []
+        due: list[Subscriber] = []
+        for sub in self.subscribers:
+            if sub.cycle_at <= now:
+                due.append(sub)
+            elif sub.last_write <= silent_since:
+                silent.append(sub)
+        for sub in silent:
             sub.write(PING)
-            silent_for = 0.0
-        if not sub.closed:
-            sub.ping_call = self.clock.callLater(self.ping_interval - silent_for, self._ping, sub)
+        for sub in due:
+            self._cycle(sub)
 
     def _cycle(self, sub: Subscriber) -> None:
         """Close an SSE connection at an event boundary (every frame is written whole)."""
@@ -270,31 +331,48 @@ class Fanout:
         if transport is not None:
             transport.loseConnection()
 
-    def _encode(self, kind: str, records: Sequence[LogRecord]) -> bytes:
+    def _encode(self, kind: str, records: Sequence[LogRecord], now: float) -> bytes:
         if kind == "sse":
-            return stream_frames(records, current_cursor(self.clock.seconds()))
+            return stream_frames(records, current_cursor(now))
         return seed_frames(records)
 
     def _committed(self, records: Sequence[LogRecord]) -> None:
-        self.metrics.log_tail.set(records[-1].seq)
+        last = records[-1].seq
+        self.metrics.log_tail.set(last)
         self.metrics.commit_group_size.observe(len(records))
-        frames: dict[str, bytes] = {}
-        for sub in list(self.subscribers):
-            if not sub.live or sub.closed:
-                continue
-            if sub.position >= records[-1].seq:
-                continue
-            if sub.position + 1 != records[0].seq:
-                # A live subscriber is always at the tail; this guards against a gap anyway.
-                newer = [r for r in records if r.seq > sub.position]
-                sub.advance(newer, self._encode(sub.kind, newer))
-                continue
-            frame = frames.get(sub.kind)
-            if frame is None:
-                frame = frames[sub.kind] = self._encode(sub.kind, records)
-            sub.advance(records, frame)
+        if self.subscribers:
+            self._fan_out(records, last)
         for waiter in list(self.waiters):
             self._release(waiter, True)
+
+    def _fan_out(self, records: Sequence[LogRecord], last: int) -> None:
+        """Write one commit to every live subscriber: encoded once per kind, one write each."""
+        now = self.clock.seconds()
+        first = records[0].seq
+        encoded: dict[str, tuple[bytes, bytes]] = {}  # kind -> (frames, the same as a chunk)
+        written: dict[str, int] = {}  # kind -> readers written to
+        for sub in list(self.subscribers):
+            position = sub.position
+            if not sub.live or sub.closed or position >= last:
+                continue
+            kind = sub.kind
+            if position + 1 != first:
+                # A live subscriber is always at the tail; this guards against a gap anyway.
+                newer = [r for r in records if r.seq > position]
+                sub.advance(newer, self._encode(kind, newer, now))
+                continue
+            frames = encoded.get(kind)
+            if frames is None:
+                data = self._encode(kind, records, now)
+                frames = encoded[kind] = (data, b"%x\r\n%b\r\n" % (len(data), data))
+            sub.position = last
+            member = sub.member
+            member.offset = last
+            member.last_seen = now
+            if sub.send(frames[0], frames[1], now):
+                written[kind] = written.get(kind, 0) + 1
+        for kind, count in written.items():
+            self.metrics.bytes_sent.labels(mode=kind).inc(count * len(encoded[kind][0]))
 
     # --- long-poll -----------------------------------------------------------------------
 

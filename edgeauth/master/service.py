@@ -24,6 +24,7 @@ from twisted.python import usage
 from twisted.web.server import Site
 
 from edgeauth import logs, tls
+from edgeauth.accesslog import AccessLogSite, make_access_log
 from edgeauth.config import COMMAND_LINE, ConfigError, Settings, database_error, load_settings
 from edgeauth.master.api import MasterRoot, OperatorAPI
 from edgeauth.master.auth import SessionStore, TokenAuthority
@@ -38,6 +39,7 @@ from edgeauth.master.stream import (
 )
 from edgeauth.master.ui import PATHS as UI_PATHS
 from edgeauth.master.ui import Dashboard
+from edgeauth.master.writes import write_resources
 from edgeauth.sites import ClosingSite
 
 log = Logger()
@@ -133,8 +135,9 @@ class MasterService(service.Service):
             long_poll_timeout=master.long_poll_timeout,
             stream_cache=master.stream_cache,
         )
-        api = OperatorAPI(
-            self.log, self.fanout, authority, self.metrics, self.reactor, max_body=master.max_body
+        api = OperatorAPI(self.log, self.fanout, authority, self.metrics, self.reactor)
+        writes = write_resources(
+            self.log, authority, self.metrics, self.reactor, max_body=master.max_body
         )
         dashboard = Dashboard(self.log, self.fanout, authority, self.reactor)
         root = MasterRoot(
@@ -145,10 +148,28 @@ class MasterService(service.Service):
                 b"/v1/snapshot": SnapshotResource(ctx),
                 **dict.fromkeys(UI_PATHS, dashboard),
             },
+            writes,
         )
-        site = ClosingSite(
-            root, timeout=master.http_timeout, reactor=self.reactor, **_SITE_OPTIONS
-        )
+        site: ClosingSite
+        if master.access_log == "twistd":
+            # Twisted's own access log: a line per request through the process log.
+            site = ClosingSite(
+                root, timeout=master.http_timeout, reactor=self.reactor, **_SITE_OPTIONS
+            )
+        else:
+            access_log = make_access_log(
+                master.access_log,
+                self.reactor,
+                master.access_log_path,
+                sample_every=master.access_log_sample,
+            )
+            site = AccessLogSite(
+                root,
+                reactor=self.reactor,
+                access_log=access_log,
+                timeout=master.http_timeout,
+                **_SITE_OPTIONS,
+            )
         site.displayTracebacks = False
         return site
 
@@ -241,6 +262,8 @@ class MasterService(service.Service):
         self.fanout.close_all()
         if self._site is not None:
             self._site.close_connections()
+            if isinstance(self._site, AccessLogSite):
+                await self._site.access_log.stop()  # the lines of the streams just ended too
         await self.log.close()
 
     def stopService(self) -> Deferred[None]:

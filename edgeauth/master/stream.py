@@ -21,7 +21,8 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from edgeauth.master.auth import ROLE_EDGE, ROLE_OPERATOR, ROLE_READER, AuthError, TokenAuthority
+from edgeauth.master.answers import HTTPError, authenticate, finish_with, write_error
+from edgeauth.master.auth import ROLE_EDGE, ROLE_OPERATOR, ROLE_READER, TokenAuthority
 from edgeauth.master.fanout import Fanout, Subscriber, control_frame, seed_frames, stream_frames
 from edgeauth.master.log import IEventLog, LogRecord
 from edgeauth.master.metrics import MasterMetrics
@@ -44,32 +45,6 @@ log = Logger()
 STREAM_ROLES = (ROLE_OPERATOR, ROLE_EDGE, ROLE_READER)
 MAX_CHUNK_BYTES = 1 << 20
 SEED_RETRY_MS = 2000
-
-
-class HTTPError(Exception):
-    """An error answer: status, code, detail and extra JSON fields."""
-
-    def __init__(self, status: int, code: str, detail: str, **extra: Any) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.code = code
-        self.detail = detail
-        self.extra = extra
-
-
-def error_body(code: str, detail: str, **extra: Any) -> bytes:
-    """Return the JSON body of an error answer."""
-    return json.dumps({"error": code, "detail": detail, **extra}).encode()
-
-
-def write_error(request: Request, error: HTTPError) -> bytes:
-    """Set status and headers of an error answer and return its body."""
-    request.setResponseCode(error.status)
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"cache-control", b"no-store")
-    if error.status == 401:
-        request.setHeader(b"www-authenticate", b'Bearer realm="edgeauth"')
-    return error_body(error.code, error.detail, **error.extra)
 
 
 def arg(request: Request, name: bytes) -> str | None:
@@ -129,10 +104,7 @@ class StreamContext:
         A mapped client certificate counts as a token; with ``allow_session`` (``/events``, which
         the dashboard reads) so does a dashboard session cookie.
         """
-        try:
-            self.authority.check_request(request, roles, allow_session=allow_session)
-        except AuthError as exc:
-            raise HTTPError(exc.status, exc.code, exc.detail) from None
+        authenticate(self.authority, request, roles, allow_session=allow_session)
 
     def resolve(self, text: str | None) -> int:
         """Turn an offset parameter into a seq position, checking retention and the tail."""
@@ -190,14 +162,6 @@ def _safely(
     except HTTPError as exc:
         ctx.count(mode if isinstance(mode, str) else mode(), exc.status)
         return write_error(request, exc)
-
-
-def _finish_json(request: Request, body: bytes) -> None:
-    """Write a body and finish, unless the client already left."""
-    if request.finished or request._disconnected:
-        return
-    request.write(body)
-    request.finish()
 
 
 class EventStreamResource(Resource):
@@ -297,7 +261,7 @@ class EventStreamResource(Resource):
         d = self.ctx.read(position)
 
         def send(records: list[LogRecord]) -> None:
-            _finish_json(request, self._write_chunk(request, position, records, mode))
+            finish_with(request, self._write_chunk(request, position, records, mode))
 
         d.addCallback(send)
         d.addErrback(self._internal_error, request, mode)
@@ -309,7 +273,7 @@ class EventStreamResource(Resource):
         if request.finished or request._disconnected:
             return
         body = write_error(request, HTTPError(503, "unavailable", "the event log is unavailable"))
-        _finish_json(request, body)
+        finish_with(request, body)
 
     def _long_poll(self, request: Request, position: int, client_cursor: int | None) -> int:
         now = self.ctx.reactor.seconds()
@@ -486,7 +450,7 @@ class SnapshotResource(Resource):
                     request.setHeader(b"content-encoding", b"gzip")
                 request.setHeader(b"content-length", str(len(body)).encode())
                 self.ctx.count("snapshot", 200)
-                _finish_json(request, body)
+                finish_with(request, body)
 
             encoded: Deferred[bytes] = d.addCallback(encode)
             encoded.addCallback(send).addErrback(self._failed, request)
@@ -501,4 +465,4 @@ class SnapshotResource(Resource):
             body = write_error(
                 request, HTTPError(503, "unavailable", "the event log is unavailable")
             )
-            _finish_json(request, body)
+            finish_with(request, body)

@@ -7,6 +7,7 @@ fakes that record what is written, as ``twisted.web.http.Request`` would receive
 from __future__ import annotations
 
 import json
+import math
 import random
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -161,8 +162,12 @@ def pings(request: FakeRequest) -> int:
 
 
 def data_seqs(request: FakeRequest) -> list[int]:
+    return data_seqs_of(request.data)
+
+
+def data_seqs_of(frames: bytes) -> list[int]:
     out: list[int] = []
-    for item in request.items():
+    for item in SSEParser().feed(frames):
         if isinstance(item, SSEEvent) and item.event == "data":
             out.extend(e["seq"] for e in json.loads(item.data))
     return out
@@ -225,10 +230,7 @@ def test_cycle_delay_has_jitter_within_ten_percent() -> None:
     """Each SSE connection is cycled after sse_cycle ±10 %, spread out, from the injected rng."""
     fanout, _, clock, metrics = make_fanout(sse_cycle=100.0, seed=1234)
     subs = [live_subscriber(fanout, cycle=True, name=f"edge-{i}") for i in range(200)]
-    delays = []
-    for sub, _, _ in subs:
-        assert sub.cycle_call is not None
-        delays.append(sub.cycle_call.getTime() - clock.seconds())
+    delays = [sub.cycle_at - clock.seconds() for sub, _, _ in subs]
     assert all(90.0 <= d <= 110.0 for d in delays)
     assert min(delays) < 93.0 and max(delays) > 107.0  # really spread, not a constant
     assert len(set(delays)) > 150
@@ -237,8 +239,7 @@ def test_cycle_delay_has_jitter_within_ten_percent() -> None:
     same = []
     for i in range(200):
         sub, _, _ = live_subscriber(again, cycle=True, name=f"edge-{i}")
-        assert sub.cycle_call is not None
-        same.append(sub.cycle_call.getTime())
+        same.append(sub.cycle_at)
     assert same == delays  # the jitter comes from the injected random.Random
 
     clock.advance(min(delays) - 0.001)
@@ -257,9 +258,8 @@ def test_cycle_happens_at_an_event_boundary() -> None:
     """A cycled stream ends after whole frames: the last commit's control frame is complete."""
     fanout, log, clock, _ = make_fanout(sse_cycle=10.0, ping_interval=1000.0)
     sub, request, _ = live_subscriber(fanout, cycle=True)
-    assert sub.cycle_call is not None
     log.commit(3)
-    clock.advance(sub.cycle_call.getTime() - clock.seconds())
+    clock.advance(sub.cycle_at - clock.seconds())
     assert request.finished
     assert request.data.endswith(b"\n\n")
     parser = SSEParser()
@@ -272,10 +272,10 @@ def test_cycle_happens_at_an_event_boundary() -> None:
 
 
 def test_seed_stream_is_not_cycled() -> None:
-    """``/events`` subscribers (cycle=False) have no cycle timer."""
+    """``/events`` subscribers (cycle=False) have no cycle deadline."""
     fanout, _, clock, _ = make_fanout(sse_cycle=10.0)
     sub, request, _ = live_subscriber(fanout, kind="events_sse", cycle=False)
-    assert sub.cycle_call is None
+    assert sub.cycle_at == math.inf
     clock.advance(1000)
     assert not request.finished
 
@@ -452,3 +452,109 @@ def test_fleet_view_reports_lag() -> None:
     assert view["connected"] is True
     assert view["offset"] == format_offset(2)
     assert view["lag"] == 3
+
+
+# --- the shared timer and the per-commit work ----------------------------------------------------
+
+
+def test_one_timer_serves_every_subscriber() -> None:
+    """Pings and cycles of all subscribers run from one periodic call, gone with the last one."""
+    fanout, _, clock, _ = make_fanout(ping_interval=10.0, sse_cycle=100.0)
+    assert fanout.tick == 1.0  # min(1 s, ping_interval / 4, sse_cycle / 20)
+    assert clock.getDelayedCalls() == []
+    requests = [live_subscriber(fanout, name=f"e{i}", cycle=True)[1] for i in range(50)]
+    assert len(clock.getDelayedCalls()) == 1
+    for request in requests[:-1]:
+        request.connection_lost()
+    assert len(clock.getDelayedCalls()) == 1
+    requests[-1].connection_lost()
+    assert clock.getDelayedCalls() == []
+    live_subscriber(fanout, name="again")
+    assert len(clock.getDelayedCalls()) == 1
+
+
+def test_tick_is_fine_enough_for_short_intervals() -> None:
+    """The timer runs at a quarter of ping_interval and a twentieth of sse_cycle when shorter."""
+    assert make_fanout(ping_interval=0.2)[0].tick == 0.05
+    assert make_fanout(ping_interval=30.0, sse_cycle=0.5)[0].tick == 0.025
+
+
+def test_ping_is_at_most_one_tick_late() -> None:
+    """A subscriber that joined between ticks is pinged at the first tick after its interval."""
+    fanout, _, clock, _ = make_fanout(ping_interval=10.0)
+    live_subscriber(fanout, name="first")  # starts the timer: ticks at 1, 2, 3 ...
+    clock.advance(0.5)
+    _, request, _ = live_subscriber(fanout, name="second")
+    clock.advance(9.9)  # t = 10.4: silent for 9.9 s
+    assert pings(request) == 0
+    clock.advance(0.6)  # t = 11.0: the first tick after 10.5
+    assert pings(request) == 1
+
+
+def test_commit_bytes_are_counted_once_per_kind() -> None:
+    """bytes_sent grows by what every reader was sent, counted per kind in one step."""
+    fanout, log, _, metrics = make_fanout()
+    sse = [live_subscriber(fanout, name=f"s{i}")[1] for i in range(3)]
+    seed = [live_subscriber(fanout, kind="events_sse", name=f"e{i}")[1] for i in range(2)]
+    slow, _, _ = live_subscriber(fanout, name="slow")
+    slow.closed = True  # e.g. dropped for not draining: not written to, not counted
+    log.commit(2)
+    log.commit(1)
+    assert sample(metrics, "edgeauth_master_stream_bytes_sent_total", mode="sse") == sum(
+        len(r.data) for r in sse
+    )
+    assert sample(metrics, "edgeauth_master_stream_bytes_sent_total", mode="events_sse") == sum(
+        len(r.data) for r in seed
+    )
+
+
+class ChunkedTransport(FakeTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        self.writes.append(b"".join(data))
+
+
+class ChunkedRequest(FakeRequest):
+    """Like ``twisted.web.http.Request`` on HTTP/1.1 without Content-Length: chunked writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transport = self.channel.transport = ChunkedTransport()
+        self.chunked = False
+        self.sentLength = 0
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.chunked = True
+        self.sentLength += len(data)
+        self.transport.writeSequence([b"%x" % len(data), b"\r\n", data, b"\r\n"])
+
+
+def test_chunked_readers_share_one_framed_chunk() -> None:
+    """HTTP/1.1 readers get each commit as the same pre-framed chunk object, one write each."""
+    fanout, log, _, _ = make_fanout()
+    readers = []
+    for i in range(3):
+        request = ChunkedRequest()
+        member = fanout.member(f"c{i}", "192.0.2.200", "sse", fanout.log.tail)
+        sub = fanout.subscribe(request, "sse", fanout.log.tail, member, cycle=False)  # type: ignore[arg-type]
+        sub.write(b": hello\n\n")  # the first write goes through Request.write (headers)
+        sub.live = True
+        readers.append((sub, request))
+    log.commit(2)
+    chunks = [request.transport.writes[-1] for _, request in readers]
+    assert all(chunk is chunks[0] for chunk in chunks), "one bytes object for every reader"
+    for sub, request in readers:
+        assert len(request.transport.writes) == 2  # the hello, then one write for the commit
+        assert sub.transport is request.transport
+        # The bytes on the wire are what Request.write would have sent for the same frames.
+        size, _, rest = chunks[0].partition(b"\r\n")
+        assert rest.endswith(b"\r\n") and int(size, 16) == len(rest) - 2
+        assert data_seqs_of(rest[:-2]) == [1, 2]
+        assert request.sentLength == len(b": hello\n\n") + len(rest) - 2
