@@ -7,20 +7,16 @@ starts, then the admin and proxy listeners. Stop runs in reverse.
 
 from __future__ import annotations
 
-import atexit
 import gc
 import json
-import os
 import sqlite3
-import sys
 from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IReactorCore
+from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
@@ -42,6 +38,7 @@ from edgeauth.edge.store import EdgeStore
 from edgeauth.edge.subscriber import Subscriber
 from edgeauth.edge.ttl import TTLPipeline
 from edgeauth.events import IpBanned
+from edgeauth.services import AsyncStartService, exit_status_one, run_twistd
 from edgeauth.sites import ClosingSite
 
 log = Logger()
@@ -97,8 +94,10 @@ def _origin_parts(url: str) -> tuple[str, str, int, bytes]:
     return scheme, host, port, parts.path.rstrip("/").encode()
 
 
-class EdgeService(service.Service):
+class EdgeService(AsyncStartService):
     """Owns the state, the subscriber, the origin pool and the two listeners of one edge."""
+
+    role = "edge"
 
     CATCH_UP_WAIT = 5.0
     """Longest a restarted edge with cached entries waits for its first catch-up before it
@@ -106,6 +105,7 @@ class EdgeService(service.Service):
 
     def __init__(self, settings: Settings, reactor: Any) -> None:
         """Prepare the edge; nothing opens before :meth:`startService`."""
+        super().__init__()
         self.settings = settings
         self.reactor = reactor
         edge = settings.edge
@@ -159,9 +159,7 @@ class EdgeService(service.Service):
         )
         self.port: IListeningPort | None = None
         self.admin_port: IListeningPort | None = None
-        self.ready: Deferred[None] = Deferred()
         self._sweeper: LoopingCall | None = None
-        self._starting: Deferred[None] | None = None
         self._site: EdgeSite | None = None
         self._admin_site: ClosingSite | None = None
         self.database_source: str | None = settings.path
@@ -306,37 +304,9 @@ class EdgeService(service.Service):
             admin=self.admin_port.getHost(),
         )
 
-    def startService(self) -> None:
-        """Start asynchronously; a failure to start stops the process with a clear message."""
-        super().startService()
-        d = Deferred.fromCoroutine(self.start())
-        self._starting = d
-
-        def started(_: object) -> None:
-            self.ready.callback(None)
-
-        def failed(failure: Any) -> None:
-            if failure.check(ConfigError, CannotListenError, OSError, sqlite3.Error):
-                # An operating problem (port taken, unusable database path): one line says it.
-                why = failure.getErrorMessage()
-                log.critical("edgeauth edge failed to start: {why}", why=why)
-            else:
-                log.failure("edgeauth edge failed to start", failure)
-            self.ready.errback(failure)
-            if IReactorCore.providedBy(self.reactor):
-                # The failure may come before the reactor runs (twistd starts services first).
-                self.reactor.callWhenRunning(self.reactor.stop)
-
-        d.addCallbacks(started, failed)
-
     async def stop(self) -> None:
         """Close listeners, stop the subscriber, close the origin pool and the file."""
-        starting = self._starting
-        if starting is not None and not starting.called:
-            try:
-                await starting
-            except Exception:
-                pass
+        await self.wait_started()
         for attr in ("port", "admin_port"):
             port = getattr(self, attr)
             if port is not None:
@@ -354,11 +324,6 @@ class EdgeService(service.Service):
             await self.cache.close()
         await self.store.close()
 
-    def stopService(self) -> Deferred[None]:
-        """Stop in reverse order of start."""
-        super().stopService()
-        return Deferred.fromCoroutine(self.stop())
-
 
 def makeService(options: Options) -> service.IService:
     """Build the edge service for twistd."""
@@ -369,25 +334,10 @@ def makeService(options: Options) -> service.IService:
     if options["database"] is not None:
         svc.database_source = COMMAND_LINE
     svc.setName("edgeauth-edge")
-    svc.ready.addErrback(_exit_status_one)
+    svc.ready.addErrback(exit_status_one)
     return svc
 
 
-def _exit_status_one(_: object) -> None:
-    """Make twistd end with status 1 after its orderly shutdown (twistd has no exit-status API)."""
-
-    def leave() -> None:
-        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-            if stream is not None:
-                stream.flush()
-        os._exit(1)
-
-    atexit.register(leave)
-
-
-def main() -> None:  # pragma: no cover - convenience for `python -m edgeauth.edge.service`
-    """Run an edge in the foreground (same as ``twistd -n edgeauth-edge``)."""
-    from twisted.scripts.twistd import run
-
-    sys.argv = ["twistd", "-n", "edgeauth-edge", *sys.argv[1:]]
-    run()
+def main() -> None:  # pragma: no cover - convenience for `python -m ...`
+    """Run in the foreground (same as ``twistd -n edgeauth-edge``)."""
+    run_twistd("edgeauth-edge")

@@ -7,17 +7,13 @@ pending commits finish, then the database closes.
 
 from __future__ import annotations
 
-import atexit
 import inspect
-import os
 import sqlite3
-import sys
 from typing import Any
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IReactorCore, IReactorTime
+from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
@@ -40,6 +36,7 @@ from edgeauth.master.stream import (
 from edgeauth.master.ui import PATHS as UI_PATHS
 from edgeauth.master.ui import Dashboard
 from edgeauth.master.writes import write_resources
+from edgeauth.services import AsyncStartService, exit_status_one, run_twistd
 from edgeauth.sites import ClosingSite
 
 log = Logger()
@@ -84,11 +81,14 @@ class Options(usage.Options):
         logs.select_for_twistd(self, log_format)
 
 
-class MasterService(service.Service):
+class MasterService(AsyncStartService):
     """Owns the event log, the fan-out and the HTTP listener of one master."""
+
+    role = "master"
 
     def __init__(self, settings: Settings, reactor: Any) -> None:
         """Prepare the master; nothing opens before :meth:`startService`."""
+        super().__init__()
         self.settings = settings
         self.reactor = reactor
         self.metrics = MasterMetrics()
@@ -108,13 +108,11 @@ class MasterService(service.Service):
             max_buffer=master.max_subscriber_buffer,
         )
         self.port: IListeningPort | None = None
-        self.ready: Deferred[None] = Deferred()
         self._compactor: LoopingCall | None = None
         self._write_checker: LoopingCall | None = None
         self._writable: bool | None = None
         self.database_source: str | None = settings.path
         """The ini file (or ``<command line>``) that set ``[master] database``, for errors."""
-        self._starting: Deferred[None] | None = None
         self._site: ClosingSite | None = None
 
     def build_site(self) -> ClosingSite:
@@ -224,34 +222,9 @@ class MasterService(service.Service):
         self.metrics.log_earliest.set(self.log.earliest)
         self.metrics.log_tail.set(self.log.tail)
 
-    def startService(self) -> None:
-        """Start asynchronously; a failure to start stops the process with a clear message."""
-        super().startService()
-        d = Deferred.fromCoroutine(self.start())
-        self._starting = d
-
-        def started(_: object) -> None:
-            self.ready.callback(None)
-
-        def failed(failure: Any) -> None:
-            if failure.check(ConfigError, CannotListenError, OSError, sqlite3.Error):
-                # An operating problem (port taken, unusable database path): one line says it.
-                why = failure.getErrorMessage()
-                log.critical("edgeauth master failed to start: {why}", why=why)
-            else:
-                log.failure("edgeauth master failed to start", failure)
-            self.ready.errback(failure)
-            if IReactorCore.providedBy(self.reactor):
-                # The failure may come before the reactor runs (twistd starts services first).
-                self.reactor.callWhenRunning(self.reactor.stop)
-
-        d.addCallbacks(started, failed)
-
     async def stop(self) -> None:
         """Stop listening, end live streams, finish commits, close the database."""
-        starting = self._starting
-        if starting is not None and not starting.called:
-            await starting
+        await self.wait_started()
         if self._compactor is not None and self._compactor.running:
             self._compactor.stop()
         if self._write_checker is not None and self._write_checker.running:
@@ -266,11 +239,6 @@ class MasterService(service.Service):
                 await self._site.access_log.stop()  # the lines of the streams just ended too
         await self.log.close()
 
-    def stopService(self) -> Deferred[None]:
-        """Stop in reverse order of start."""
-        super().stopService()
-        return Deferred.fromCoroutine(self.stop())
-
 
 def makeService(options: Options) -> service.IService:
     """Build the master service for twistd."""
@@ -281,25 +249,10 @@ def makeService(options: Options) -> service.IService:
     if options["database"] is not None:
         svc.database_source = COMMAND_LINE
     svc.setName("edgeauth-master")
-    svc.ready.addErrback(_exit_status_one)
+    svc.ready.addErrback(exit_status_one)
     return svc
 
 
-def _exit_status_one(_: object) -> None:
-    """Make twistd end with status 1 after its orderly shutdown (twistd has no exit-status API)."""
-
-    def leave() -> None:
-        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-            if stream is not None:
-                stream.flush()
-        os._exit(1)
-
-    atexit.register(leave)
-
-
-def main() -> None:  # pragma: no cover - convenience for `python -m edgeauth.master.service`
-    """Run the master in the foreground (same as ``twistd -n edgeauth-master``)."""
-    from twisted.scripts.twistd import run
-
-    sys.argv = ["twistd", "-n", "edgeauth-master", *sys.argv[1:]]
-    run()
+def main() -> None:  # pragma: no cover - convenience for `python -m ...`
+    """Run in the foreground (same as ``twistd -n edgeauth-master``)."""
+    run_twistd("edgeauth-master")
