@@ -5,12 +5,21 @@ own process: a twisted.web origin answering 1 KiB, the proxy under test (a fresh
 pinned to one core with ``os.sched_setaffinity``), and the load: ``wrk`` when installed, else the
 small epoll keep-alive load generator below; both keep ``--connections`` connections busy for
 ``--duration`` seconds. Proxies run interleaved (a, b, c, a, b, c, ...), ``--repeats`` times; the
-medians and the ratio (b)/(a) are printed.
+medians and the ratios are printed.
 
 - (a) ``stock``: Twisted's ``ReverseProxyResource`` (a new HTTP/1.0 origin connection per
   request, ``Connection: close`` passed back to the client);
 - (b) ``edge``: ``EdgeProxyResource`` (pooled keep-alive origin connections, httptools);
-- (c) ``edge+log``: (b) with the buffered access log on.
+- (c) ``edge+log``: (b) with the buffered access log on;
+- (d) ``agent``: a minimal proxy resource forwarding with Twisted's ``Agent`` over a persistent
+  ``HTTPConnectionPool`` (the pass-through alternative the edge's own client replaced);
+- (e) ``banned``: (b) with a gate hook refusing every request with 403 ``ip_banned``: a real
+  ``Gate`` over ``EdgeIndexes`` holding a ban on 127.0.0.0/8, behind a ``RequestGuard`` (client
+  address, metrics) and wrapped like ``EdgeService._gate_hook``; the origin is never reached;
+- (f) ``bare403``: a bare twisted.web resource answering a fixed 403 JSON body (the floor).
+
+Ratios printed: (b)/(a) edge/stock, (b)/(d) edge/Agent, (e)/(f) banned/bare-403 floor (goal
+>= 0.8x). For (e) and (f) every 403 counts as an answered request.
 
 Both proxies are served by the same ``EdgeSite`` with the access log off, so the difference is
 the resource. With two cores or more, the proxy gets core 0 and the origin and load share the
@@ -21,6 +30,7 @@ which does not depend on which side is the bottleneck.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import selectors
@@ -32,10 +42,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY = b"x" * 1024
-KINDS = ("stock", "edge", "edge+log")
+KINDS = ("stock", "edge", "edge+log", "agent", "banned", "bare403")
+REFUSING = ("banned", "bare403")
+BANNED_BODY = b'{"error":"ip_banned","ref":1}'
 
 
 # -- the processes under test ------------------------------------------------------------------
@@ -66,6 +79,113 @@ def run_origin(cpus: set[int]) -> None:
     reactor.run()
 
 
+def banned_gate_hook(reactor: Any) -> Any:
+    """A gate hook refusing every loopback client: 403 ``ip_banned``, as the edge builds it."""
+    from types import SimpleNamespace
+
+    from twisted.web.server import Request
+
+    from edgeauth.edge.clientip import TrustedProxies
+    from edgeauth.edge.gate import Gate
+    from edgeauth.edge.guard import RequestGuard
+    from edgeauth.edge.index import EdgeIndexes
+    from edgeauth.edge.metrics import EdgeMetrics
+    from edgeauth.edge.proxy import Refusal
+    from edgeauth.events import IpBanned
+
+    indexes = EdgeIndexes()
+    indexes.apply(IpBanned(seq=1, timestamp=time.time(), source="master", ip="127.0.0.0/8"))
+    gate = Gate(indexes, None, (), None, (), 600.0, "bench", lambda event: None)
+    state = SimpleNamespace(synced=True, indexes=indexes)
+    guard = RequestGuard(
+        gate,
+        TrustedProxies([]),
+        state,  # type: ignore[arg-type]
+        EdgeMetrics(),
+        reactor,
+    )
+
+    def gate_hook(request: Request) -> Refusal | None:  # EdgeService._gate_hook
+        refusal = guard.check(request)
+        if refusal is None:
+            return None
+        extra = tuple(
+            (name, value)
+            for name, value in refusal.headers
+            if name.lower() not in (b"content-type", b"cache-control")
+        )
+        return Refusal(refusal.status, json.loads(refusal.body), extra)
+
+    return gate_hook
+
+
+def agent_resource(origin_port: int, reactor: Any) -> Any:
+    """A minimal proxy resource forwarding with ``Agent`` over a persistent connection pool."""
+    from twisted.web.client import Agent, HTTPConnectionPool, readBody
+    from twisted.web.http_headers import Headers
+    from twisted.web.resource import Resource
+    from twisted.web.server import NOT_DONE_YET, Request
+
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 100
+    agent = Agent(reactor, pool=pool)
+    base = b"http://127.0.0.1:%d" % origin_port
+    hop = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"host"}
+
+    class AgentProxy(Resource):
+        isLeaf = True
+
+        def render(self, request: Request) -> object:
+            headers = Headers()
+            for name, values in request.requestHeaders.getAllRawHeaders():
+                if name.lower() not in hop:
+                    headers.setRawHeaders(name, values)
+            d = agent.request(request.method, base + request.uri, headers)
+            lost: list[object] = []
+            request.notifyFinish().addErrback(lost.append)
+
+            def got(response: Any) -> Any:
+                request.setResponseCode(response.code, response.phrase)
+                for name, values in response.headers.getAllRawHeaders():
+                    if name.lower() not in hop:
+                        request.responseHeaders.setRawHeaders(name, values)
+                return readBody(response).addCallback(body)
+
+            def body(data: bytes) -> None:
+                if lost:
+                    return
+                request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % len(data)])
+                request.write(data)
+                request.finish()
+
+            def failed(failure: Any) -> None:
+                if not lost and not request.finished:
+                    request.setResponseCode(502)
+                    request.finish()
+
+            d.addCallback(got).addErrback(failed)
+            return NOT_DONE_YET
+
+    return AgentProxy()
+
+
+def bare_403_resource() -> Any:
+    """A bare twisted.web resource answering a fixed 403 JSON body: the framework's floor."""
+    from twisted.web.resource import Resource
+    from twisted.web.server import Request
+
+    class Bare403(Resource):
+        isLeaf = True
+
+        def render(self, request: Request) -> bytes:
+            request.setResponseCode(403)
+            request.responseHeaders.setRawHeaders(b"Content-Type", [b"application/json"])
+            request.responseHeaders.setRawHeaders(b"Cache-Control", [b"no-store"])
+            return BANNED_BODY
+
+    return Bare403()
+
+
 def run_proxy(kind: str, origin_port: int, cpus: set[int], log_dir: str) -> None:
     from twisted.internet import reactor
     from twisted.web.proxy import ReverseProxyResource
@@ -75,13 +195,18 @@ def run_proxy(kind: str, origin_port: int, cpus: set[int], log_dir: str) -> None
     from edgeauth.edge.proxy import EdgeProxyResource, EdgeRequest
 
     pin(cpus)
-    resource: ReverseProxyResource
+    resource: Any
     access_log = None
     factory: type[Request] = Request
     if kind == "stock":
         resource = ReverseProxyResource("127.0.0.1", origin_port, b"", reactor)
+    elif kind == "agent":
+        resource = agent_resource(origin_port, reactor)
+    elif kind == "bare403":
+        resource = bare_403_resource()
     else:
-        resource = EdgeProxyResource("127.0.0.1", origin_port, b"", reactor)
+        gate = banned_gate_hook(reactor) if kind == "banned" else None
+        resource = EdgeProxyResource("127.0.0.1", origin_port, b"", reactor, gate=gate)
         factory = EdgeRequest
         if kind == "edge+log":
             access_log = BufferedAccessLog(reactor, os.path.join(log_dir, "access.log"))
@@ -154,7 +279,10 @@ def python_load(port: int, connections: int, duration: float) -> tuple[int, int]
     return done, errors
 
 
-def wrk_load(port: int, connections: int, duration: float, cpus: set[int]) -> tuple[int, int]:
+def wrk_load(
+    port: int, connections: int, duration: float, cpus: set[int], refusing: bool = False
+) -> tuple[int, int]:
+    """Run wrk; return (answered, errors); with ``refusing`` a non-2xx answer counts as answered."""
     out = subprocess.run(
         [
             "wrk",
@@ -172,6 +300,8 @@ def wrk_load(port: int, connections: int, duration: float, cpus: set[int]) -> tu
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     failed = sum(int(g) for g in errors.groups()) if errors else 0
+    if refusing:
+        return requests, failed
     return requests - (int(bad.group(1)) if bad else 0), failed + (int(bad.group(1)) if bad else 0)
 
 
@@ -201,6 +331,25 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def check_answer(kind: str, port: int) -> None:
+    """Make sure the process under test answers what its kind should (403 or the origin body)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/")
+        response = conn.getresponse()
+        body = response.read()
+    finally:
+        conn.close()
+    if kind in REFUSING:
+        ok = response.status == 403 and json.loads(body)["error"] == "ip_banned"
+    else:
+        ok = response.status == 200 and body == BODY
+    if not ok:
+        raise SystemExit(f"{kind}: unexpected answer {response.status} {body[:80]!r}")
+
+
 def measure(args: argparse.Namespace, kind: str, origin_port: int) -> tuple[float, float, int]:
     """One fresh proxy process: warm up, then one timed run; (req/s, proxy µs/req, errors)."""
     proxy_cpus, other_cpus = args.proxy_cpus, args.other_cpus
@@ -210,11 +359,12 @@ def measure(args: argparse.Namespace, kind: str, origin_port: int) -> tuple[floa
         "--cpus", cpus, "--log-dir", args.log_dir,
     )  # fmt: skip
     try:
+        check_answer(kind, port)
         load = args.load
 
         def run(duration: float) -> tuple[int, int]:
             if load == "wrk":
-                return wrk_load(port, args.connections, duration, other_cpus)
+                return wrk_load(port, args.connections, duration, other_cpus, kind in REFUSING)
             return python_load(port, args.connections, duration)
 
         run(args.warmup)
@@ -289,9 +439,16 @@ def main() -> None:
         f"{noise.count('Request.finish called on a request after its connection was lost')} "
         f"(see {STDERR_PATH})"
     )
-    if "stock" in medians and "edge" in medians:
-        (a_rps, a_cpu), (b_rps, b_cpu) = medians["stock"], medians["edge"]
-        print(f"ratio (b)/(a): {b_rps / a_rps:.2f}x req/s, {b_cpu / a_cpu:.2f}x CPU per request")
+    for label, num, den in (
+        ("edge / stock (b)/(a)", "edge", "stock"),
+        ("edge / agent (b)/(d)", "edge", "agent"),
+        ("banned / bare-403 floor (e)/(f), goal >= 0.8x", "banned", "bare403"),
+    ):
+        if num in medians and den in medians:
+            (n_rps, n_cpu), (d_rps, d_cpu) = medians[num], medians[den]
+            print(
+                f"ratio {label}: {n_rps / d_rps:.2f}x req/s, {n_cpu / d_cpu:.2f}x CPU per request"
+            )
 
 
 if __name__ == "__main__":
