@@ -95,12 +95,12 @@ class Refusal:
 
     Attributes:
         status: the HTTP status, e.g. 403.
-        body: the JSON body, e.g. ``{"error": "ip_banned", "ref": 42}``.
+        body: the JSON body, e.g. ``{"error": "ip_banned", "ref": 42}``, or its encoded bytes.
         headers: extra response headers, e.g. ``WWW-Authenticate``.
     """
 
     status: int
-    body: Mapping[str, Any]
+    body: Mapping[str, Any] | bytes
     headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
@@ -269,15 +269,15 @@ def origin_request_headers(
 def write_json(
     request: Request,
     status: int,
-    body: Mapping[str, Any],
+    body: Mapping[str, Any] | bytes,
     headers: Iterable[tuple[bytes, bytes]] = (),
 ) -> None:
-    """Answer ``request`` with a JSON body and finish it.
+    """Answer ``request`` with a JSON body (a mapping, or JSON already encoded) and finish it.
 
     ``Content-Type: application/json`` and ``Cache-Control: no-store`` are set unless ``headers``
     names them; ``headers`` are added as given (repeats kept).
     """
-    data = json.dumps(body, separators=(",", ":")).encode()
+    data = body if isinstance(body, bytes) else json.dumps(body, separators=(",", ":")).encode()
     request.setResponseCode(status)
     response = request.responseHeaders
     extra = list(headers)

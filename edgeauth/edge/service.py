@@ -8,7 +8,6 @@ starts, then the admin and proxy listeners. Stop runs in reverse.
 from __future__ import annotations
 
 import gc
-import json
 import sqlite3
 from typing import Any
 from urllib.parse import urlsplit
@@ -231,14 +230,9 @@ class EdgeService(AsyncStartService):
         refusal = self.guard.check(request)
         if refusal is None:
             return None
-        # The proxy's write_json sets Content-Type and Cache-Control itself and *adds* the
-        # extra headers: passing the gate's copies too would send each of them twice.
-        extra = tuple(
-            (name, value)
-            for name, value in refusal.headers
-            if name.lower() not in (b"content-type", b"cache-control")
-        )
-        return Refusal(refusal.status, json.loads(refusal.body), extra)
+        # The gate's body is already JSON and its headers name Content-Type and Cache-Control,
+        # which write_json then does not set again: pass both through unchanged.
+        return Refusal(refusal.status, refusal.body, refusal.headers)
 
     def build_site(self) -> EdgeSite:
         """Return the proxy's HTTP site with the configured access log."""
