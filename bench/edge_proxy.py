@@ -1,11 +1,11 @@
 """Benchmark: req/s and CPU per request of the stock ``ReverseProxyResource`` and the edge's proxy.
 
 Run with ``.venv/bin/python bench/edge_proxy.py`` (``--help`` for options). Every part runs in its
-own process: a twisted.web origin answering 1 KiB, the proxy under test (a fresh process per run,
-pinned to one core with ``os.sched_setaffinity``), and the load: ``wrk`` when installed, else the
-small epoll keep-alive load generator below; both keep ``--connections`` connections busy for
-``--duration`` seconds. Proxies run interleaved (a, b, c, a, b, c, ...), ``--repeats`` times; the
-medians and the ratios are printed.
+own process: an origin answering 1 KiB (see ``--origin``), the proxy under test (a fresh process
+per run, pinned to one core with ``os.sched_setaffinity``), and the load: ``wrk`` when installed,
+else the small epoll keep-alive load generator below; both keep ``--connections`` connections busy
+for ``--duration`` seconds. Proxies run interleaved (a, b, c, a, b, c, ...), ``--repeats`` times;
+the medians and the ratios are printed.
 
 - (a) ``stock``: Twisted's ``ReverseProxyResource`` (a new HTTP/1.0 origin connection per
   request, ``Connection: close`` passed back to the client);
@@ -15,21 +15,41 @@ medians and the ratios are printed.
   ``HTTPConnectionPool`` (the pass-through alternative the edge's own client replaced);
 - (e) ``banned``: (b) with a gate hook refusing every request with 403 ``ip_banned``: a real
   ``Gate`` over ``EdgeIndexes`` holding a ban on 127.0.0.0/8, behind a ``RequestGuard`` (client
-  address, metrics) and wrapped like ``EdgeService._gate_hook``; the origin is never reached;
+  address, metrics) whose ``RequestGuard.gate_hook`` is the proxy's hook, as ``EdgeService``
+  sets it up; the origin is never reached;
 - (f) ``bare403``: a bare twisted.web resource answering a fixed 403 JSON body (the floor).
 
 Ratios printed: (b)/(a) edge/stock, (b)/(d) edge/Agent, (e)/(f) banned/bare-403 floor (goal
->= 0.8x). For (e) and (f) every 403 counts as an answered request.
+>= 0.8x), and with ``--before`` edge/edge-before and edge-before/stock. For (e) and (f) every 403
+counts as an answered request.
 
 Both proxies are served by the same ``EdgeSite`` with the access log off, so the difference is
-the resource. With two cores or more, the proxy gets core 0 and the origin and load share the
-rest; ``proxy µs/req`` is the proxy process's CPU time (user + system) per request answered,
-which does not depend on which side is the bottleneck.
+the resource. ``proxy µs/req`` is the proxy process's CPU time (user + system) per request
+answered, which does not depend on which side is the bottleneck.
+
+Set-up (printed at the start of a run):
+
+- ``--origin-cpu same`` (the default; issue 5's set-up): the origin is pinned to the proxy's core
+  and the load generator has the other core to itself, so req/s is bounded by proxy + origin CPU
+  on one core. ``other``: the origin shares the load generator's core (the set-up of the earlier
+  figures in docs/benchmarks.md), so req/s follows the proxy's CPU alone until that core is full.
+- ``--origin twisted`` (the default): a twisted.web resource on ``EdgeSite`` (~60 µs a request).
+  ``raw``: a minimal asyncio server parsing requests with httptools and answering the same 1 KiB
+  body with ``Content-Length`` (keep-alive unless the request asks to close, as the stock proxy's
+  HTTP/1.0 requests do), ~10 µs a request, so the ratios are about the proxies.
+- ``--before DIR``: the kind ``edge-before`` (in the default ``--kinds``) is ``edge`` with
+  ``edgeauth`` imported from ``DIR`` (e.g. ``git archive HEAD edgeauth | tar -x -C DIR``), for a
+  paired before/after in one run. Without it ``edge-before`` imports the checkout (an A/A pair)
+  and the run must start in the checkout; leave it out of ``--kinds`` otherwise.
+- ``--gc-freeze on`` (the default): each proxy process calls ``gc.freeze()`` once it is set up,
+  as ``EdgeService.start`` does, so full collections do not rescan the imported modules; every
+  kind gets the same. ``off`` for the figures of earlier runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import re
@@ -46,7 +66,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY = b"x" * 1024
-KINDS = ("stock", "edge", "edge+log", "agent", "banned", "bare403")
+KINDS = ("stock", "edge", "edge+log", "agent", "banned", "bare403", "edge-before")
 REFUSING = ("banned", "bare403")
 BANNED_BODY = b'{"error":"ip_banned","ref":1}'
 
@@ -79,18 +99,57 @@ def run_origin(cpus: set[int]) -> None:
     reactor.run()
 
 
-def banned_gate_hook(reactor: Any) -> Any:
-    """A gate hook refusing every loopback client: 403 ``ip_banned``, as the edge builds it."""
-    from types import SimpleNamespace
+def run_raw_origin(cpus: set[int]) -> None:
+    """A minimal asyncio HTTP/1.x server answering ``BODY`` to every request (httptools)."""
+    import asyncio
 
-    from twisted.web.server import Request
+    from httptools import HttpRequestParser
+
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n" % len(BODY)
+    keep_alive = head + b"\r\n" + BODY
+    close = head + b"Connection: close\r\n\r\n" + BODY
+
+    class Origin(asyncio.Protocol):
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+            self.parser = HttpRequestParser(self)
+
+        def data_received(self, data: bytes) -> None:
+            try:
+                self.parser.feed_data(data)
+            except Exception:
+                self.transport.close()
+
+        def on_message_complete(self) -> None:
+            if self.parser.should_keep_alive():
+                self.transport.write(keep_alive)
+            else:
+                self.transport.write(close)
+                self.transport.close()
+
+    async def serve() -> None:
+        server = await asyncio.get_running_loop().create_server(
+            Origin, "127.0.0.1", 0, backlog=1024
+        )
+        print(server.sockets[0].getsockname()[1], flush=True)
+        await server.serve_forever()
+
+    pin(cpus)
+    asyncio.run(serve())
+
+
+def banned_gate_hook(reactor: Any) -> Any:
+    """A gate hook refusing every loopback client: 403 ``ip_banned``, as the edge builds it.
+
+    The hook is ``RequestGuard.gate_hook``, the one ``EdgeService`` gives its proxy.
+    """
+    from types import SimpleNamespace
 
     from edgeauth.edge.clientip import TrustedProxies
     from edgeauth.edge.gate import Gate
     from edgeauth.edge.guard import RequestGuard
     from edgeauth.edge.index import EdgeIndexes
     from edgeauth.edge.metrics import EdgeMetrics
-    from edgeauth.edge.proxy import Refusal
     from edgeauth.events import IpBanned
 
     indexes = EdgeIndexes()
@@ -104,19 +163,7 @@ def banned_gate_hook(reactor: Any) -> Any:
         EdgeMetrics(),
         reactor,
     )
-
-    def gate_hook(request: Request) -> Refusal | None:  # EdgeService._gate_hook
-        refusal = guard.check(request)
-        if refusal is None:
-            return None
-        extra = tuple(
-            (name, value)
-            for name, value in refusal.headers
-            if name.lower() not in (b"content-type", b"cache-control")
-        )
-        return Refusal(refusal.status, json.loads(refusal.body), extra)
-
-    return gate_hook
+    return guard.gate_hook
 
 
 def agent_resource(origin_port: int, reactor: Any) -> Any:
@@ -186,7 +233,9 @@ def bare_403_resource() -> Any:
     return Bare403()
 
 
-def run_proxy(kind: str, origin_port: int, cpus: set[int], log_dir: str) -> None:
+def run_proxy(
+    kind: str, origin_port: int, cpus: set[int], log_dir: str, freeze: bool = True
+) -> None:
     from twisted.internet import reactor
     from twisted.web.proxy import ReverseProxyResource
     from twisted.web.server import Request
@@ -204,7 +253,7 @@ def run_proxy(kind: str, origin_port: int, cpus: set[int], log_dir: str) -> None
         resource = agent_resource(origin_port, reactor)
     elif kind == "bare403":
         resource = bare_403_resource()
-    else:
+    else:  # edge, edge+log, banned, edge-before (the same code, imported from --before)
         gate = banned_gate_hook(reactor) if kind == "banned" else None
         resource = EdgeProxyResource("127.0.0.1", origin_port, b"", reactor, gate=gate)
         factory = EdgeRequest
@@ -212,6 +261,10 @@ def run_proxy(kind: str, origin_port: int, cpus: set[int], log_dir: str) -> None
             access_log = BufferedAccessLog(reactor, os.path.join(log_dir, "access.log"))
     site = EdgeSite(resource, reactor=reactor, access_log=access_log, requestFactory=factory)
     port = reactor.listenTCP(0, site, interface="127.0.0.1", backlog=1024)
+    if freeze:
+        # As EdgeService.start does once its state is loaded: what exists now lives as long as
+        # the process, so full collections need not scan it (every kind gets the same).
+        gc.freeze()
     print(port.getHost().port, flush=True)
     reactor.run()
 
@@ -311,8 +364,11 @@ def wrk_load(
 STDERR_PATH = Path(tempfile.gettempdir()) / "edgeauth-bench-edge-proxy.stderr"
 
 
-def spawn(*args: str) -> tuple[subprocess.Popen[str], int]:
-    """Start this script in another role; return the process and the port it printed."""
+def spawn(*args: str, tree: Path = ROOT) -> tuple[subprocess.Popen[str], int]:
+    """Start this script in another role; return the process and the port it printed.
+
+    The process imports ``edgeauth`` from ``tree`` (the checkout by default).
+    """
     with STDERR_PATH.open("a") as stderr:
         proc = subprocess.Popen(
             [sys.executable, __file__, *args],
@@ -320,7 +376,7 @@ def spawn(*args: str) -> tuple[subprocess.Popen[str], int]:
             stderr=stderr,
             text=True,
             cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            env={**os.environ, "PYTHONPATH": str(tree)},
         )
     assert proc.stdout is not None
     return proc, int(proc.stdout.readline())
@@ -354,9 +410,10 @@ def measure(args: argparse.Namespace, kind: str, origin_port: int) -> tuple[floa
     """One fresh proxy process: warm up, then one timed run; (req/s, proxy µs/req, errors)."""
     proxy_cpus, other_cpus = args.proxy_cpus, args.other_cpus
     cpus = ",".join(map(str, proxy_cpus))
+    tree = Path(args.before) if kind == "edge-before" else ROOT
     proc, port = spawn(
         "--role", "proxy", "--kind", kind, "--origin-port", str(origin_port),
-        "--cpus", cpus, "--log-dir", args.log_dir,
+        "--cpus", cpus, "--log-dir", args.log_dir, "--gc-freeze", args.gc_freeze, tree=tree,
     )  # fmt: skip
     try:
         check_answer(kind, port)
@@ -385,7 +442,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--load", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset")
-    parser.add_argument("--role", choices=("driver", "origin", "proxy"), default="driver")
+    for flag, choices, text in (  # the first choice is the default
+        ("--origin-cpu", ("same", "other"), "origin on the proxy's core (issue 5's set-up) or "
+         "on the load generator's"),
+        ("--origin", ("twisted", "raw"), "twisted.web resource on EdgeSite, or a minimal "
+         "asyncio + httptools server"),
+        ("--gc-freeze", ("on", "off"), "gc.freeze() in the proxy process before serving, as "
+         "the edge service does"),
+    ):  # fmt: skip
+        parser.add_argument(flag, choices=choices, default=choices[0], help=text)
+    parser.add_argument("--before", default="", help="tree holding edgeauth/ for edge-before")
+    parser.add_argument(
+        "--role", choices=("driver", "origin", "raw-origin", "proxy"), default="driver"
+    )
     parser.add_argument("--kind", choices=KINDS)
     parser.add_argument("--origin-port", type=int)
     parser.add_argument("--cpus", default="")
@@ -394,8 +463,10 @@ def main() -> None:
     cpus = {int(c) for c in args.cpus.split(",") if c}
     if args.role == "origin":
         return run_origin(cpus)
+    if args.role == "raw-origin":
+        return run_raw_origin(cpus)
     if args.role == "proxy":
-        return run_proxy(args.kind, args.origin_port, cpus, args.log_dir)
+        return run_proxy(args.kind, args.origin_port, cpus, args.log_dir, args.gc_freeze == "on")
 
     available = sorted(os.sched_getaffinity(0))
     args.proxy_cpus = {available[0]}
@@ -405,13 +476,24 @@ def main() -> None:
     if args.load == "python":
         pin(args.other_cpus)
     kinds = [k for k in args.kinds.split(",") if k]
+    if "edge-before" in kinds and not (Path(args.before) / "edgeauth").is_dir():
+        raise SystemExit("edge-before needs --before DIR holding an edgeauth/ tree")
     STDERR_PATH.write_text("")
     args.log_dir = tempfile.mkdtemp(prefix="edgeauth-bench-")
-    origin, origin_port = spawn("--role", "origin", "--cpus", ",".join(map(str, args.other_cpus)))
+    origin_cpus = args.proxy_cpus if args.origin_cpu == "same" else args.other_cpus
+    origin, origin_port = spawn(
+        "--role",
+        "origin" if args.origin == "twisted" else "raw-origin",
+        "--cpus",
+        ",".join(map(str, origin_cpus)),
+    )
     print(
-        f"cpus: proxy {sorted(args.proxy_cpus)}, origin+load {sorted(args.other_cpus)}; "
+        f"set-up: origin {args.origin} on the {args.origin_cpu} core as the proxy; "
+        f"cpus: proxy {sorted(args.proxy_cpus)}, origin {sorted(origin_cpus)}, "
+        f"load {sorted(args.other_cpus)}; "
         f"load: {args.load}, {args.connections} connections, {args.duration:g}s x "
-        f"{args.repeats} (+{args.warmup:g}s warm-up); body 1 KiB"
+        f"{args.repeats} (+{args.warmup:g}s warm-up); body 1 KiB; gc.freeze {args.gc_freeze}"
+        + (f"; edge-before from {args.before}" if "edge-before" in kinds else "")
     )
     results: dict[str, list[tuple[float, float, int]]] = {k: [] for k in kinds}
     try:
@@ -442,6 +524,8 @@ def main() -> None:
     for label, num, den in (
         ("edge / stock (b)/(a)", "edge", "stock"),
         ("edge / agent (b)/(d)", "edge", "agent"),
+        ("edge / edge-before", "edge", "edge-before"),
+        ("edge-before / stock", "edge-before", "stock"),
         ("banned / bare-403 floor (e)/(f), goal >= 0.8x", "banned", "bare403"),
     ):
         if num in medians and den in medians:

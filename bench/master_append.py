@@ -310,10 +310,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--other",
-        default=None,
+        action="append",
+        default=[],
         metavar="PYTHONPATH",
         help="with --paired: also a master run from this source tree (e.g. a `git archive "
-        "HEAD edgeauth` export: the code before a change), with its default settings",
+        "HEAD edgeauth` export: the code before a change), with its default settings; may be "
+        "given several times",
     )
     args = parser.parse_args()
     if args.paired:
@@ -427,8 +429,8 @@ def paired(args: argparse.Namespace) -> None:
 
     bin_dir = Path(sys.executable).parent
     configs: dict[str, tuple[str | None, str]] = {}
-    if args.other:
-        configs["other tree"] = (args.other, "")
+    for index, other in enumerate(args.other):
+        configs["other tree" if len(args.other) == 1 else f"other tree {index + 1}"] = (other, "")
     for mode in args.modes.split(","):
         configs[f"access_log={mode}"] = (None, f"access_log = {mode}\n")
     print(f"edgeauth master append benchmark, paired: {args.paired} rounds x 64 clients")

@@ -13,6 +13,11 @@ processing adds at most one batch). Reported: delivery latency over every (subsc
 (p50/p99/max), the time until the last subscriber had each event (median/max), server CPU per event
 (utime+stime from /proc, including the POST itself) and server RSS (VmRSS) per subscriber.
 
+The master's code is whatever ``import edgeauth`` finds in the environment ``twistd`` gets: the
+installed package, or the checkout with ``PYTHONPATH=.`` (the header prints which). For a paired
+A/B in the same run, ``--variant NAME=DIR`` adds a master run with ``PYTHONPATH=DIR`` (for instance
+a copy of the tree with the previous ``fanout.py``), alternated with the others in every repeat.
+
 Modes used internally: ``--serve-baseline`` and ``--subscribe``.
 """
 
@@ -333,10 +338,24 @@ def measure(pid: int, port: int, count: int, events: int, spacing: float) -> dic
     }
 
 
+def code_location(env: dict[str, str]) -> str:
+    """Return the directory ``import edgeauth`` resolves to with ``env`` (what twistd runs)."""
+    probe = "import edgeauth, os; print(os.path.dirname(edgeauth.__file__))"
+    found = subprocess.run(
+        [sys.executable, "-c", probe],
+        env=env,
+        cwd="/",  # ``-c`` puts the working directory first on sys.path; twistd does not
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return found.stdout.strip()
+
+
 def run_once(
     name: str, count: int, args: argparse.Namespace, env: dict[str, str]
 ) -> dict[str, Any]:
-    """Start a fresh master or baseline, measure it with ``count`` subscribers, stop it."""
+    """Start a fresh master (or variant) or baseline, measure it with ``count`` readers, stop it."""
     with tempfile.TemporaryDirectory(prefix="edgeauth-fanout-") as tmp:
         work = Path(tmp)
         ini = work / "master.ini"
@@ -346,7 +365,7 @@ def run_once(
             "[tokens]\nops = operator env:EDGEAUTH_OPERATOR_TOKEN\n"
             "edges = edge env:EDGEAUTH_EDGE_TOKEN\n"
         )
-        if name == "master":
+        if name != "baseline":
             argv = [str(Path(sys.executable).parent / "twistd"), "-n", "--pidfile=", "--logfile"]
             argv += [str(work / "out.log"), "edgeauth-master", "--config", str(ini)]
         else:
@@ -365,7 +384,20 @@ def main() -> None:
     parser.add_argument("--spacing", type=float, default=0.2, help="seconds between bans")
     parser.add_argument("--sizes", type=int, nargs="*", default=list(SIZES))
     parser.add_argument("--repeats", type=int, default=3, help="runs per N and server")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="also run a master with PYTHONPATH=DIR, reported as NAME (repeatable)",
+    )
     args = parser.parse_args()
+    variants: dict[str, str] = {}
+    for spec in args.variant:
+        name, sep, directory = spec.partition("=")
+        if not sep or not name or name in ("master", "baseline"):
+            parser.error(f"--variant wants NAME=DIR with a new NAME, not {spec!r}")
+        variants[name] = str(Path(directory).resolve())
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = max(args.sizes) + 256
@@ -373,6 +405,9 @@ def main() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, need), hard))
     env = {**os.environ, "EDGEAUTH_OPERATOR_TOKEN": OPERATOR_TOKEN}
     env["EDGEAUTH_EDGE_TOKEN"] = EDGE_TOKEN
+    if env.get("PYTHONPATH"):  # absolute, so that the probe below and twistd read the same path
+        paths = env["PYTHONPATH"].split(os.pathsep)
+        env["PYTHONPATH"] = os.pathsep.join(str(Path(p).resolve()) for p in paths if p)
     print("edgeauth master fan-out benchmark", flush=True)
     print(f"  python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load {os.getloadavg()}")
     print(
@@ -383,11 +418,17 @@ def main() -> None:
         "  master: WAL + synchronous=FULL (each ban is fsync'd before it is fanned out), "
         "sse_cycle 3600 s (no cycling during a run), ping_interval 15 s, logging to a file"
     )
+    envs = {"master": env, "baseline": env}
+    for name, directory in variants.items():
+        envs[name] = {**env, "PYTHONPATH": directory}
+    names = ["master", *variants, "baseline"]
+    for name in names[:-1]:
+        print(f"  {name}: edgeauth from {code_location(envs[name])}")
     runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for repeat in range(args.repeats):
         for count in args.sizes:
-            for name in ("master", "baseline"):
-                result = run_once(name, count, args, env)
+            for name in names:
+                result = run_once(name, count, args, envs[name])
                 runs.setdefault((name, count), []).append(result)
                 print(
                     f"  run {repeat + 1} N={count:<5} {name:8} connected {result['connected']} "
@@ -411,7 +452,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for count in args.sizes:
-        for name in ("master", "baseline"):
+        for name in names:
             r = results[(name, count)]
             print(
                 f"| {count} | {name} | {r['p50']:.1f} | {r['p99']:.1f} | {r['max']:.1f} "
@@ -419,6 +460,17 @@ def main() -> None:
                 f"| {1000 * r['cpu_ms_per_event'] / count:.1f} | {r['rss_after_kib'] / 1024:.1f} "
                 f"| {r['rss_per_sub_kib']:.1f} |"
             )
+    print()
+    print("Ratios to the baseline of the same repeat (median over repeats): p99, CPU per event")
+    for count in args.sizes:
+        base = runs[("baseline", count)]
+        for name in names[:-1]:
+            pairs = list(zip(runs[(name, count)], base, strict=True))
+            p99_ratio = statistics.median(r["p99"] / b["p99"] for r, b in pairs)
+            cpu_ratio = statistics.median(
+                r["cpu_ms_per_event"] / max(b["cpu_ms_per_event"], 1e-9) for r, b in pairs
+            )
+            print(f"  N={count:<5} {name:8} p99 x{p99_ratio:.2f}  CPU x{cpu_ratio:.2f}")
     print()
     for count, goal in GOALS_P99_MS.items():
         if ("master", count) in results:

@@ -6,20 +6,23 @@ Everything here talks real HTTP over loopback sockets; nothing of our network pa
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IResponse
-from zope.interface import implementer
+from zope.interface import implementer, provider
 
 from edgeauth.config import Settings, load_settings
 from edgeauth.master.service import MasterService
@@ -476,3 +479,115 @@ async def wait_until(
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
         await deferLater(reactor, interval, lambda: None)
+
+
+# --- raw stream clients, log capture and master metrics (shared by the master stream tests) ----
+
+STREAM = "/v1/stream/events"
+
+
+async def open_live_sse(client: Client) -> SSEReader:
+    """Open ``GET /v1/stream/events?offset=now&live=sse`` with the edge token through ``client``."""
+    return await SSEReader.open(
+        client.agent, f"{client.base_url}{STREAM}?offset=now&live=sse", auth(EDGE_TOKEN)
+    )
+
+
+async def post_bans(client: Client, count: int, first: int = 1) -> list[dict[str, Any]]:
+    """Post ``count`` bans one after the other; return their events."""
+    events = []
+    for i in range(first, first + count):
+        reply = await client.post("/ban/ip", {"ip": f"198.51.100.{i}", "reason": f"r{i}"})
+        assert reply.code == 201, reply.body
+        events.append(reply.json()["event"])
+    return events
+
+
+def gauge(master: RunningMaster, kind: str = "sse") -> float:
+    """The master's subscriber gauge for ``kind`` (``sse`` or ``poll``)."""
+    value = master.service.metrics.registry.get_sample_value(
+        "edgeauth_master_subscribers", {"kind": kind}
+    )
+    assert value is not None
+    return float(value)
+
+
+def counter(master: RunningMaster, name: str) -> float:
+    """One unlabelled sample of the master's registry, 0 when it was never set."""
+    value = master.service.metrics.registry.get_sample_value(name)
+    return 0.0 if value is None else float(value)
+
+
+@contextmanager
+def captured_log() -> Iterator[list[LogEvent]]:
+    """Collect every Twisted log event emitted inside the block."""
+    events: list[LogEvent] = []
+
+    @provider(ILogObserver)
+    def observe(event: LogEvent) -> None:
+        events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        yield events
+    finally:
+        globalLogPublisher.removeObserver(observe)
+
+
+def assert_no_errors_logged(events: list[LogEvent]) -> None:
+    """No failure, unhandled error or finish-after-disconnect warning was logged."""
+    for event in events:
+        text = formatEvent(event) or ""
+        assert "log_failure" not in event, (text, event.get("log_failure"))
+        assert "Unhandled Error" not in text, text
+        lowered = text.lower()
+        if "finish" in lowered:
+            assert "connection lost" not in lowered, text
+            assert "connection was lost" not in lowered, text
+            assert "after the request" not in lowered, text
+
+
+def sse_request(token: str, query: str = "offset=now&live=sse") -> bytes:
+    """A raw HTTP/1.1 GET of the event stream with ``token``, as a bare TCP client sends it."""
+    return (
+        f"GET {STREAM}?{query} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\r\n"
+    ).encode()
+
+
+class RawStream(Protocol):
+    """A bare TCP client that sends one GET and counts what comes back (or reads nothing)."""
+
+    def __init__(self, request: bytes, read: bool = True) -> None:
+        self.request = request
+        self.read = read
+        self.received = bytearray()
+        self.first_data: Deferred[None] = Deferred()
+        self.lost: Deferred[None] = Deferred()
+        self.keep = read  # the 1,000-connection test keeps no bytes, only a count
+        self.count = 0
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)
+        if not self.read:
+            self.transport.pauseProducing()  # never read: the kernel buffers fill up
+
+    def dataReceived(self, data: bytes) -> None:
+        self.count += len(data)
+        if self.keep:
+            self.received += data
+        if not self.first_data.called:
+            self.first_data.callback(None)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        if not self.lost.called:
+            self.lost.callback(None)
+
+
+RawStreamT = TypeVar("RawStreamT", bound=RawStream)
+
+
+async def connect_raw(master: RunningMaster, protocol: RawStreamT) -> RawStreamT:
+    """Connect ``protocol`` to ``master`` over plain TCP on loopback; return it once connected."""
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", master.port)
+    await connectProtocol(endpoint, protocol)
+    return protocol

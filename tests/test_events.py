@@ -8,9 +8,10 @@ import math
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edgeauth import events
 from edgeauth.events import (
     MAX_LIST,
     MAX_TEXT,
@@ -114,6 +115,72 @@ def test_normalize_ip_rejects_non_strings(value: object) -> None:
         normalize_ip(value, field="net")
     assert info.value.code == "invalid_ip"
     assert "net" in info.value.detail
+
+
+def _both_paths(text: str) -> tuple[object, object]:
+    """normalize_ip (fast path first) and the ipaddress reference: a result or the error."""
+    out: list[object] = []
+    for convert in (normalize_ip, lambda t: events._ipaddress_normal_form(t, "ip")):
+        try:
+            out.append(convert(text))
+        except EventError as exc:
+            out.append((exc.code, exc.detail))
+    return out[0], out[1]
+
+
+def _address_texts() -> st.SearchStrategy[str]:
+    """Addresses and networks in canonical and other spellings, valid or not."""
+    v4 = st.ip_addresses(v=4).map(str)
+    v6 = st.ip_addresses(v=6).flatmap(
+        lambda a: st.sampled_from(
+            [
+                str(a),
+                a.exploded,
+                a.exploded.upper(),
+                str(a).upper(),
+                f"::ffff:{a.packed[-4:].hex()}",
+            ]
+        )
+    )
+    mapped = st.ip_addresses(v=4).map(lambda a: f"::ffff:{a}")
+    special = st.sampled_from(["::", "::1", "::2:3", "::ffff:0:0", "0.0.0.0", "::0.0.0.1", "1::"])
+    address = st.one_of(v4, v6, mapped, special)
+    prefix = st.one_of(
+        st.integers(0, 129).map(str),
+        st.integers(0, 33).map(lambda p: f"0{p}"),
+        st.sampled_from(["", "-1", "255.255.255.0", " 8", "8 ", "\u0668", "+8"]),
+    )
+    network = st.tuples(address, prefix).map(lambda pair: f"{pair[0]}/{pair[1]}")
+    masked = st.one_of(
+        st.tuples(st.ip_addresses(v=4), st.integers(0, 32)),
+        st.tuples(st.ip_addresses(v=6), st.integers(0, 128)),
+    ).map(lambda pair: str(ipaddress.ip_network(f"{pair[0]}/{pair[1]}", strict=False)))
+    junk = st.text(alphabet="0123456789abcdefABCDEF:./%\u0661 \x00", max_size=45)
+    return st.one_of(address, network, masked, junk)
+
+
+@settings(max_examples=3000)
+@given(_address_texts())
+def test_normalize_ip_fast_path_matches_ipaddress(text: str) -> None:
+    """The inet_pton fast path gives exactly what the ipaddress path gives, errors included."""
+    if not text or len(text) > 64 or "%" in text:
+        return  # refused before either path
+    fast, reference = _both_paths(text)
+    assert fast == reference
+
+
+@settings(max_examples=1000)
+@given(st.ip_addresses())
+def test_normalize_ip_fast_path_takes_canonical_addresses(address: object) -> None:
+    """Canonical addresses (not IPv4-mapped) are answered by the fast path itself."""
+    text = str(address)
+    normal = events._fast_normal_form(text)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        assert normal is None
+    elif normal is not None:  # an IPv6 form with a dotted tail, e.g. ::2:3, is left to ipaddress
+        assert normal == events._ipaddress_normal_form(text, "ip")
+    if isinstance(address, ipaddress.IPv4Address):
+        assert normal == f"{text}/32"
 
 
 # --- event_from_request -----------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import signal
 import time
 from collections.abc import Iterator
 from contextlib import AsyncExitStack, contextmanager
@@ -22,6 +23,8 @@ from urllib.parse import urlencode
 import pytest
 import pytest_twisted
 import treq
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from joserfc import jwt
 from joserfc.jwk import OctKey
 from support import (
@@ -145,7 +148,16 @@ def test_twistd_options_select_the_json_observer(
     )
     factory = config.get("logger")
     if not json_lines:
-        assert factory is None
+        # twistd's text lines, through edgeauth's cheaper observer of the same text.
+        assert factory is logs.text_logger
+        previous = signal.getsignal(signal.SIGUSR1)
+        try:
+            observer = factory()
+        finally:
+            signal.signal(signal.SIGUSR1, previous)
+        Logger(namespace="edgeauth.test", observer=observer).info("hello {who}", who="text")
+        written = (tmp_path / "out.log").read_text()
+        assert written.endswith(" [edgeauth.test#info] hello text\n"), written
         return
     assert factory is logs.json_logger
     observer = factory()
@@ -162,6 +174,139 @@ def test_explicit_logger_option_wins(tmp_path: Path) -> None:
         + [_write_master_ini(tmp_path, "text")]
     )
     assert config["logger"] is logs.json_logger
+
+
+@pytest.mark.parametrize(
+    ("twistd_args", "logger", "output"),
+    [
+        (["--nodaemon"], "text_logger", None),  # standard output
+        (["--nodaemon", "--logfile", "-"], "text_logger", None),
+        (["--nodaemon", "--logfile", "LOG"], "text_logger", "LOG"),
+        (["--logfile", "LOG"], "text_logger", "LOG"),
+        ([], "text_logger", "twistd.log"),  # a daemon without --logfile, as twistd
+        (["--logfile", "-"], None, None),  # twistd refuses it itself
+        (["--nodaemon", "--syslog"], None, None),  # twistd's syslog observer
+        (["--nodaemon", "--logger", "edgeauth.logs.json_logger"], "json_logger", None),
+    ],
+)
+def test_text_lines_go_where_twistd_would_write_them(
+    tmp_path: Path, twistd_args: list[str], logger: str | None, output: str | None
+) -> None:
+    """The text observer is chosen only where twistd's own would write a file or stdout."""
+    log_path = str(tmp_path / "out.log")
+    args = [log_path if a == "LOG" else a for a in twistd_args]
+    config = ServerOptions()
+    config.parseOptions([*args, "edgeauth-master", "--config", _write_master_ini(tmp_path, None)])
+    factory = config.get("logger")
+    if logger is None:
+        assert not factory
+        return
+    assert factory is getattr(logs, logger)
+    if logger == "text_logger":
+        assert logs._twistd_logfile == (log_path if output == "LOG" else output)
+
+
+def test_text_logger_file_rotates_on_sigusr1_as_twistds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGUSR1 rotates the log file (in the reactor thread), unless a handler was already set."""
+    from twisted.internet import reactor
+
+    path = tmp_path / "twistd.log"
+    monkeypatch.setattr(logs, "_twistd_logfile", str(path))
+    monkeypatch.setattr(reactor, "callFromThread", lambda f, *a: f(*a))
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        observer = logs.text_logger()
+        handler = signal.getsignal(signal.SIGUSR1)
+        assert callable(handler)
+        Logger(namespace="t", observer=observer).info("before")
+        handler(signal.SIGUSR1, None)
+        Logger(namespace="t", observer=observer).info("after")
+        assert (tmp_path / "twistd.log.1").read_text().endswith(" [t#info] before\n")
+        assert path.read_text().endswith(" [t#info] after\n")
+
+        def mine(signum: int, frame: object) -> None:
+            raise AssertionError("not called")
+
+        signal.signal(signal.SIGUSR1, mine)
+        logs.text_logger()
+        assert signal.getsignal(signal.SIGUSR1) is mine, "an existing handler is kept"
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_text_observer_writes_what_twistds_writes(tmp_path: Path) -> None:
+    """Line for line, the same text as twisted.logger.textFileLogObserver (twistd's default)."""
+    from twisted.logger import LogLevel, textFileLogObserver
+
+    ours, theirs = io.StringIO(), io.StringIO()
+    observers = [logs.text_observer(ours), textFileLogObserver(theirs)]
+    now = time.time()
+    events: list[dict[str, Any]] = [
+        {"log_format": "{a} and {b!r}", "a": 1, "b": "x", "log_time": now},
+        {
+            "log_format": "ip_banned {x}",
+            "x": "{}",
+            "log_time": now + 0.5,
+            "log_level": LogLevel.info,
+        },
+        {"log_format": "two\nlines", "log_time": now + 1.9999999, "log_namespace": "n"},
+        {"log_format": "no time"},
+        {"log_format": "int time", "log_time": int(now), "log_system": "sys"},
+        {"message": ("legacy",), "log_format": "{log_io}", "log_io": "io", "log_time": now + 7},
+        {"log_format": "", "log_time": now},
+        {"log_format": "failure", "log_failure": Failure(ValueError("boom")), "log_time": now},
+    ]
+    for event in events:
+        for observer in observers:
+            observer(dict(event))
+    assert ours.getvalue() == theirs.getvalue()
+    assert ours.getvalue().count("\n") > len(events)
+
+
+@settings(max_examples=2000)
+@given(
+    st.lists(
+        st.one_of(
+            st.floats(min_value=-3e9, max_value=4e9, allow_nan=False),
+            st.integers(0, 4_000_000_000).map(lambda s: s + 0.9999995),
+            st.integers(0, 4_000_000_000).map(lambda s: s - 1e-7),
+            st.integers(-10, 4_000_000_000),
+            st.none(),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_timestamps_per_second_are_twisteds(times: list[float | None]) -> None:
+    """The per-second timestamp text is Twisted's formatTime, whatever the order of calls."""
+    from twisted.logger import formatTime, timeFormatRFC3339
+
+    timestamps = logs._SecondTimestamps()
+    for when in times:
+        assert timestamps(when) == formatTime(when, timeFormatRFC3339), when
+
+
+@pytest.mark.parametrize("zone", ["America/New_York", "Australia/Lord_Howe", "UTC"])
+def test_timestamps_across_time_zone_changes(monkeypatch: pytest.MonkeyPatch, zone: str) -> None:
+    """Around daylight saving changes (Lord Howe moves by 30 minutes) the text stays Twisted's."""
+    from twisted.logger import formatTime, timeFormatRFC3339
+
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    try:
+        timestamps = logs._SecondTimestamps()
+        # 2026-03-08 and 2026-11-01 (New York), 2026-04-05 and 2026-10-04 (Lord Howe)
+        for change in (1772953200, 1793512800, 1775314800, 1791041400):
+            for offset in [*range(-3 * 3600, 3 * 3600, 599), -1, 0, 1]:
+                for fraction in (0.0, 0.25, 0.999):
+                    when = change + offset + fraction
+                    assert timestamps(when) == formatTime(when, timeFormatRFC3339), when
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
 
 
 def test_unknown_log_format_is_a_config_error(tmp_path: Path) -> None:
@@ -231,7 +376,7 @@ async def test_every_write_logged_once_with_its_source_and_no_secret_in_any_log(
     jwts = [good, revoked, forged]
     with captured() as (text, lines):
         async with AsyncExitStack() as stack:
-            master = await start_master(tmp_path)
+            master = await start_master(tmp_path, access_log="twistd")
             stack.push_async_callback(master.stop)
             origin = Origin()
             await origin.start()

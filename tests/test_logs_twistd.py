@@ -108,6 +108,7 @@ def write_ini(tmp_path: Path, log_format: str | None = None) -> str:
         "[master]",
         "listen = tcp:0:interface=127.0.0.1",
         f"database = {tmp_path / 'master.sqlite3'}",
+        "access_log = twistd",  # the access line in the process log is checked too
         "[tokens]",
         "ops = operator env:EDGEAUTH_OPERATOR_TOKEN",
     ]

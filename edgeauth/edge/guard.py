@@ -13,7 +13,9 @@ from collections.abc import Callable
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 
+from edgeauth.edge import proxy
 from edgeauth.edge.clientip import TrustedProxies, client_ip
 from edgeauth.edge.gate import Gate, Refusal
 from edgeauth.edge.metrics import EdgeMetrics
@@ -55,6 +57,7 @@ class RequestGuard:
         self.clock = clock
         self.fail_mode = fail_mode
         self.share_ban = share_ban
+        self._last_refusal: proxy.Refusal | None = None
 
     def client_ip(self, request: IRequest) -> str:
         """Return (and remember on the request) the client address of ``request``."""
@@ -63,20 +66,25 @@ class RequestGuard:
             return str(cached)
         peer = request.getClientAddress()
         host = str(getattr(peer, "host", "") or "")
-        headers = request.requestHeaders
-        ip = client_ip(
-            host,
-            headers.getRawHeaders(b"x-forwarded-for") or (),
-            headers.getRawHeaders(b"forwarded") or (),
-            self.trusted,
-        )
+        trusted = self.trusted
+        if trusted.cidrs:
+            headers = request.requestHeaders
+            ip = client_ip(
+                host,
+                headers.getRawHeaders(b"x-forwarded-for") or (),
+                headers.getRawHeaders(b"forwarded") or (),
+                trusted,
+            )
+        else:
+            # Without trusted proxies the forwarding headers are never believed: not read.
+            ip = client_ip(host, (), (), trusted)
         setattr(request, CLIENT_IP_ATTRIBUTE, ip)
         return ip
 
     def check(self, request: IRequest) -> Refusal | None:
         """Return the refusal to send instead of proxying, or None to proxy."""
         if not self.state.synced and self.fail_mode == "closed":
-            self.metrics.checks.labels(result="not_synced").inc()
+            self.metrics.checks.inc("not_synced")
             return NOT_SYNCED
         ip = self.client_ip(request)
         refusal = self.gate.check(
@@ -86,17 +94,42 @@ class RequestGuard:
             request.getHeader(b"authorization"),
             self.clock.seconds(),
         )
+        metrics = self.metrics
         if refusal is None:
-            self.metrics.checks.labels(result="allowed").inc()
+            metrics.checks.inc("allowed")
             return None
-        self.metrics.checks.labels(result=refusal.reason).inc()
+        metrics.checks.inc(refusal.reason)
         if refusal.ban is not None:
-            self.metrics.refusals.labels(source=refusal.ban.source).inc()
+            metrics.refusals.inc(refusal.ban.source)
         return refusal
+
+    def gate_hook(self, request: Request) -> proxy.Refusal | None:
+        """The proxy's gate hook (``EdgeProxyResource(gate=...)``): :meth:`check` for the proxy.
+
+        Returns:
+            None to proxy, or the gate's refusal as :class:`edgeauth.edge.proxy.Refusal`: its
+            body is already encoded JSON and its headers name ``Content-Type`` and
+            ``Cache-Control`` (so :func:`edgeauth.edge.proxy.write_json` does not set them
+            again); both pass through unchanged.
+        """
+        refusal = self.check(request)
+        if refusal is None:
+            return None
+        # A client refused once is usually refused again with the same answer (one ban, one
+        # body): the last answer is reused rather than built anew (it is immutable).
+        last = self._last_refusal
+        if (
+            last is None
+            or last.body != refusal.body
+            or last.status != refusal.status
+            or last.headers != refusal.headers
+        ):
+            last = self._last_refusal = proxy.Refusal(refusal.status, refusal.body, refusal.headers)
+        return last
 
     def on_response(self, request: IRequest, status: int) -> None:
         """Feed an origin status to the failure pattern."""
-        self.metrics.origin_responses.labels(status=f"{status // 100}xx").inc()
+        self.metrics.origin_responses.inc(f"{status // 100}xx")
         ip = getattr(request, CLIENT_IP_ATTRIBUTE, None)
         if ip is not None:
             self.gate.record_origin_status(str(ip), status, self.clock.seconds())

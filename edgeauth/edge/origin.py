@@ -10,7 +10,8 @@ What Agent's ``HTTP11ClientProtocol`` and ``HTTPConnectionPool`` gave for free i
   connection closes before any response byte is retried once on a fresh connection when that is
   safe (idempotent method, replayable body), else it fails with :class:`BadGatewayError`;
 - connect, idle and response timeouts (:class:`OriginUnreachableError` when a connection cannot
-  be made, :class:`OriginTimeoutError` when the origin stalls);
+  be made, :class:`OriginTimeoutError` when the origin stalls); the response timeouts of all
+  calls are checked by one timer per pool, not a ``DelayedCall`` per request;
 - at most ``max_connections`` connections; later requests wait in a FIFO queue;
 - HEAD responses carry no body whatever their ``Content-Length``; 1xx interim responses are
   skipped; a ``101 Switching Protocols`` fails the exchange (upgrades are not proxied);
@@ -19,7 +20,13 @@ What Agent's ``HTTP11ClientProtocol`` and ``HTTPConnectionPool`` gave for free i
   (a spooled body, replayable), paced by the origin socket, or from a :class:`BodyStream` fed
   while the client is still sending, whose source is paused when the origin does not keep up;
 - a connection goes back to the pool only after the whole response was read and the origin
-  allows keep-alive.
+  allows keep-alive; it keeps its parser for the next response.
+
+Per request, the cost is kept to what Twisted itself needs: on a plain TCP connection the request
+is written straight to the socket while the transport's buffer is known to be empty (no
+``epoll_ctl`` pair and no extra reactor turn per request), and an ended call drops its handler so
+that the client request, its handler and the call are freed by reference counting rather than
+by the garbage collector.
 
 An :class:`OriginCall` is also an ``IPushProducer``: the proxy registers it on the client request,
 so a slow client pauses reading from the origin.
@@ -28,13 +35,14 @@ so a slow client pauses reading from the origin.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import IO, ClassVar, Protocol
 
 import attrs
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
-from twisted.internet import protocol
+from twisted.internet import protocol, tcp
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import (
     HostnameEndpoint,
@@ -161,17 +169,54 @@ class ResponseHandler(Protocol):
 _QUEUED, _CONNECTING, _ACTIVE, _DONE = range(4)
 
 
+class _EndedHandler:
+    """The handler of an ended call: hears nothing more, holds nothing."""
+
+    def response_started(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        """Ignored."""
+
+    def response_body(self, data: bytes) -> None:
+        """Ignored."""
+
+    def response_finished(self) -> None:
+        """Ignored."""
+
+    def response_failed(self, error: OriginError) -> None:
+        """Ignored."""
+
+
+_ENDED = _EndedHandler()
+
+
 @implementer(IPushProducer)
 class OriginCall:
     """One request to the origin, from the queue to the end of its response.
 
     It is an ``IPushProducer`` for the client side: pausing it stops reading from the origin,
     stopping it cancels the call.
+
+    Once the call has ended, ``handler`` is a handler that ignores everything: a handler
+    usually keeps its call, and the call must not keep the handler (with its client request)
+    in a reference cycle that only the garbage collector could free.
     """
+
+    __slots__ = (
+        "request",
+        "handler",
+        "_pool",
+        "_proto",
+        "_state",
+        "_paused",
+        "_retried",
+        "_body_start",
+        "_last_activity",
+    )
 
     def __init__(self, pool: OriginPool, request: OriginRequest, handler: ResponseHandler) -> None:
         self.request = request
-        self.handler = handler
+        self.handler: ResponseHandler = handler
         self._pool = pool
         self._proto: _OriginProtocol | None = None
         self._state = _QUEUED
@@ -182,9 +227,7 @@ class OriginCall:
             body.tell() if body is not None and not isinstance(body, BodyStream) else 0
         )
         self._last_activity = pool.clock.seconds()
-        self._timer: IDelayedCall | None = pool.clock.callLater(
-            pool.response_timeout, self._check_timeout
-        )
+        pool._watch(self)
 
     @property
     def done(self) -> bool:
@@ -222,25 +265,20 @@ class OriginCall:
     def _touch(self) -> None:
         self._last_activity = self._pool.clock.seconds()
 
-    def _end(self) -> None:
+    def _end(self) -> ResponseHandler:
+        """Mark the call ended; return the handler to give the last report to."""
         self._state = _DONE
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
+        self._pool._watched.pop(self, None)
+        handler, self.handler = self.handler, _ENDED
         body = self.request.body
         if isinstance(body, BodyStream):
             body._detach()  # let the client finish sending, even if no connection ever took it
+        return handler
 
-    def _check_timeout(self) -> None:
-        self._timer = None
+    def _time_out(self) -> None:
         if self._state == _DONE:
             return
         timeout = self._pool.response_timeout
-        remaining = self._last_activity + timeout - self._pool.clock.seconds()
-        if remaining > 0:
-            self._timer = self._pool.clock.callLater(remaining, self._check_timeout)
-            return
         proto, self._proto = self._proto, None
         if proto is not None:
             proto.abandon()
@@ -249,16 +287,16 @@ class OriginCall:
     def _fail(self, error: OriginError) -> None:
         if self._state == _DONE:
             return
-        self._end()
+        handler = self._end()
         try:
-            self.handler.response_failed(error)
+            handler.response_failed(error)
         except Exception:
             _log.failure("response handler failed")
 
     def _finish(self) -> None:
-        self._end()
+        handler = self._end()
         try:
-            self.handler.response_finished()
+            handler.response_finished()
         except Exception:
             _log.failure("response handler failed")
 
@@ -292,10 +330,38 @@ class _OriginProtocol(protocol.Protocol):
         self.head_size = 0
         self.upload: _BodyProducer | BodyStream | None = None
         self.lost = False
+        self.direct: socket.socket | None = None
 
     def connectionMade(self) -> None:  # noqa: D102
-        if ITCPTransport.providedBy(self.transport):
-            self.transport.setTcpNoDelay(True)  # type: ignore[union-attr]
+        transport = self.transport
+        if ITCPTransport.providedBy(transport):
+            transport.setTcpNoDelay(True)  # type: ignore[union-attr]
+        # Only a plain TCP transport: a TLS one hands out the TCP socket beneath it too.
+        if type(transport) is tcp.Client:
+            self.direct = transport.getHandle()
+
+    def _send(self, data: bytes) -> None:
+        """Write ``data`` to the origin, straight to the socket while that is safe.
+
+        ``transport.write`` only buffers and asks the reactor to write on its next turn, which
+        costs two ``epoll_ctl`` and a dispatch per request. As long as every byte written on
+        this connection went out through :meth:`_send` in full, the transport's own buffer is
+        empty and sending on the socket (``getHandle()``, non-blocking) keeps the order. Once
+        anything goes through the transport (a partial send, a streamed or large body), every
+        later write does too.
+        """
+        sock = self.direct
+        if sock is not None:
+            try:
+                sent = sock.send(data)
+            except OSError:
+                sent = 0  # full (EAGAIN) or broken: the transport writes it, or sees the error
+            if sent == len(data):
+                return
+            self.direct = None
+            data = data[sent:]
+        assert self.transport is not None
+        self.transport.write(data)
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -304,7 +370,8 @@ class _OriginProtocol(protocol.Protocol):
         self.call = call
         call._proto = self
         call._state = _ACTIVE
-        self.parser = HttpResponseParser(self)
+        if self.parser is None:  # else the one that parsed the previous response, ready again
+            self.parser = HttpResponseParser(self)
         self.state = _HEAD
         self.got_bytes = self.garbage = self.until_close = False
         self.failure = None
@@ -329,7 +396,8 @@ class _OriginProtocol(protocol.Protocol):
         else:
             parts.append(b"\r\n")
         if isinstance(body, BodyStream):
-            transport.write(b"".join(parts))
+            self._send(b"".join(parts))
+            self.direct = None  # the body goes through the transport, paced by it
             self.upload = body
             body._attach(self, chunked=length is None)
             return
@@ -345,8 +413,9 @@ class _OriginProtocol(protocol.Protocol):
                 return
             parts.append(data)
             body = None
-        transport.write(b"".join(parts))
+        self._send(b"".join(parts))
         if body is not None:
+            self.direct = None  # the body goes through the transport, paced by it
             self.upload = _BodyProducer(self, body, call._body_start, length)
             transport.registerProducer(self.upload, False)  # type: ignore[attr-defined]
 
@@ -431,7 +500,9 @@ class _OriginProtocol(protocol.Protocol):
         self._count_head(len(status))
 
     def on_header(self, name: bytes, value: bytes) -> None:  # noqa: D102
-        self._count_head(len(name) + len(value))
+        self.head_size += len(name) + len(value) + 4  # _count_head, inlined: once per header
+        if self.head_size > _MAX_HEAD:
+            self._count_head(0)
         if self.state == _HEAD:  # trailers (after the body) are dropped
             self.headers.append((name.lower(), value))
 
@@ -489,7 +560,10 @@ class _OriginProtocol(protocol.Protocol):
         if self.garbage:
             self.transport.abortConnection()  # type: ignore[union-attr]
         self.call = None
-        self.parser = None
+        if not reusable or self.head_request:
+            # A HEAD response leaves the parser waiting for a body that never comes; a
+            # connection not reused must not keep its parser (the two refer to each other).
+            self.parser = None
         call._proto = None
         self.state = _IDLE
         self.reused = True
@@ -500,6 +574,7 @@ class _OriginProtocol(protocol.Protocol):
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: D102
         self.lost = True
+        self.parser = self.direct = None
         call, self.call = self.call, None
         self._stop_upload()
         if call is None:
@@ -708,11 +783,15 @@ class OriginPool:
         host: the origin's host name or address.
         port: the origin's port.
         max_connections: the most connections open at once; later requests wait in FIFO order.
-        max_idle: the most idle connections kept for reuse.
+        max_idle: the most idle connections kept for reuse; None (the default) keeps up to
+            ``max_connections``: a smaller bound makes a pool under steady concurrent load close
+            connections after each burst of responses and open new ones for the next burst.
         connect_timeout: seconds allowed to connect (then :class:`OriginUnreachableError`).
         idle_timeout: seconds an idle connection is kept before it is closed.
         response_timeout: seconds without progress (queueing, waiting for the response head,
-            between body reads while the client keeps up) before :class:`OriginTimeoutError`.
+            between body reads while the client keeps up) before :class:`OriginTimeoutError`;
+            one timer per pool checks every call, so a call times out up to
+            ``min(response_timeout / 10, 0.5)`` seconds after its deadline.
     """
 
     def __init__(
@@ -723,13 +802,15 @@ class OriginPool:
         port: int,
         *,
         max_connections: int = 64,
-        max_idle: int = 32,
+        max_idle: int | None = None,
         connect_timeout: float = 5.0,
         idle_timeout: float = 60.0,
         response_timeout: float = 30.0,
     ) -> None:
         if scheme not in _DEFAULT_PORTS:
             raise ValueError(f"unsupported origin scheme {scheme!r}")
+        if max_idle is None:
+            max_idle = max_connections
         if max_connections < 1 or max_idle < 0:
             raise ValueError("max_connections must be >= 1 and max_idle >= 0")
         self.clock = reactor
@@ -750,6 +831,13 @@ class OriginPool:
         self._connected: set[_OriginProtocol] = set()
         self._open = 0
         self._sweep: IDelayedCall | None = None
+        # Calls not yet ended, checked for response_timeout by one shared timer (a DelayedCall
+        # per call, scheduled and cancelled for every request, cost more than the rest of the
+        # call's bookkeeping): it fires at the nearest deadline, at most once per
+        # _timeout_slack seconds, so a call times out up to that much late.
+        self._watched: dict[OriginCall, None] = {}
+        self._timeout_timer: IDelayedCall | None = None
+        self._timeout_slack = min(response_timeout / 10, 0.5)
         self._closed = False
         self._close_waiters: list[Deferred[None]] = []
 
@@ -816,6 +904,11 @@ class OriginPool:
         for proto in self._idle:
             proto.in_idle = False
         self._idle.clear()
+        # Calls still connecting keep their response timeout (their connection is aborted).
+        if not self._watched and self._timeout_timer is not None:
+            if self._timeout_timer.active():
+                self._timeout_timer.cancel()
+            self._timeout_timer = None
         if self._open == 0:
             return succeed(None)
         d: Deferred[None] = Deferred()
@@ -823,6 +916,35 @@ class OriginPool:
         return d
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _watch(self, call: OriginCall) -> None:
+        self._watched[call] = None
+        if self._timeout_timer is None:
+            # Every timer scheduled since was due within response_timeout of being set, so the
+            # one already pending fires before this call's deadline.
+            self._timeout_timer = self.clock.callLater(self.response_timeout, self._check_timeouts)
+
+    def _check_timeouts(self) -> None:
+        self._timeout_timer = None
+        now = self.clock.seconds()
+        timeout = self.response_timeout
+        nearest = timeout
+        expired = []
+        for call in self._watched:
+            remaining = call._last_activity + timeout - now
+            if remaining <= 0:
+                expired.append(call)
+            elif remaining < nearest:
+                nearest = remaining
+        for call in expired:
+            call._time_out()  # reports to its handler, which may start new calls
+        if self._timeout_timer is not None:  # scheduled by a new call, maybe too late
+            self._timeout_timer.cancel()
+            self._timeout_timer = None
+        if self._watched:
+            self._timeout_timer = self.clock.callLater(
+                max(nearest, self._timeout_slack), self._check_timeouts
+            )
 
     def _dispatch(self, call: OriginCall, *, front: bool = False) -> None:
         idle = self._idle

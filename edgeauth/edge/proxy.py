@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from typing import IO, Any, ClassVar, Protocol
 from urllib.parse import quote, unquote_to_bytes
 
@@ -178,9 +178,12 @@ def _forwarded_value(value: bytes) -> bytes:
     return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
+_IP_ADDRESS_TYPES = (IPv4Address, IPv6Address)
+
+
 def _peer_ip(request: Request) -> str | None:
     address = request.getClientAddress()
-    if isinstance(address, IPv4Address | IPv6Address):
+    if isinstance(address, _IP_ADDRESS_TYPES):
         host = address.host
         if host.startswith("::ffff:") and "." in host:
             return host[7:]
@@ -190,6 +193,53 @@ def _peer_ip(request: Request) -> str | None:
 
 def _tokens(values: Iterable[bytes]) -> set[bytes]:
     return {t.strip().lower() for v in values for t in v.split(b",")} - {b""}
+
+
+# One-value Connection headers (keep-alive, close, ...) repeat: their token sets are kept.
+_CONNECTION_TOKENS: dict[bytes, frozenset[bytes]] = {}
+_CONNECTION_TOKENS_MAX = 256
+
+
+def _connection_tokens(values: Sequence[bytes]) -> Set[bytes]:
+    if len(values) != 1:
+        return _tokens(values)
+    value = values[0]
+    tokens = _CONNECTION_TOKENS.get(value)
+    if tokens is None:
+        tokens = frozenset(_tokens(values))
+        if len(_CONNECTION_TOKENS) < _CONNECTION_TOKENS_MAX:
+            _CONNECTION_TOKENS[value] = tokens
+    return tokens
+
+
+# What origin_request_headers does with each request header, by lower-cased name (one lookup per
+# header instead of a chain of comparisons); any other name is passed on.
+_PASS, _DROP, _FRAMING, _HOST, _LENGTH, _XFF, _FORWARDED, _VIA_IN, _XFP = range(9)
+_REQUEST_HEADER_KINDS = {
+    **dict.fromkeys(HOP_BY_HOP, _DROP),
+    b"transfer-encoding": _FRAMING,
+    b"host": _HOST,
+    b"content-length": _LENGTH,
+    b"x-forwarded-for": _XFF,
+    b"forwarded": _FORWARDED,
+    b"via": _VIA_IN,
+    b"x-forwarded-proto": _XFP,
+    b"expect": _DROP,  # Twisted answers 100-continue itself
+}
+
+# peer address -> (its bytes, its RFC 7239 node); peers are few and repeat (keep-alive).
+_PEER_FORMS: dict[str, tuple[bytes, bytes]] = {}
+_PEER_FORMS_MAX = 4096
+
+
+def _peer_forms(peer: str) -> tuple[bytes, bytes]:
+    forms = _PEER_FORMS.get(peer)
+    if forms is None:
+        forms = (peer.encode("ascii"), forwarded_node(peer))
+        if len(_PEER_FORMS) >= _PEER_FORMS_MAX:
+            _PEER_FORMS.clear()
+        _PEER_FORMS[peer] = forms
+    return forms
 
 
 def origin_request_headers(
@@ -217,7 +267,7 @@ def origin_request_headers(
         the client request declared a body (``Content-Length`` or ``Transfer-Encoding``).
     """
     connection = headers.getRawHeaders(b"connection")
-    listed = _tokens(connection) if connection else ()
+    listed = _connection_tokens(connection) if connection else None
     out: list[tuple[bytes, bytes]] = [(b"Host", host)] if host is not None else []
     xff: list[bytes] = []
     forwarded: list[bytes] = []
@@ -225,44 +275,50 @@ def origin_request_headers(
     xfp: list[bytes] = []
     client_host: bytes | None = None
     framed = False
+    kinds = _REQUEST_HEADER_KINDS
     for name, values in headers.getAllRawHeaders():
         key = name.lower()
-        if key in HOP_BY_HOP or key in listed:
-            if key == b"transfer-encoding":
+        kind = kinds.get(key, _PASS)
+        if listed is not None and key in listed:
+            if kind == _FRAMING:
                 framed = True
             continue
-        if key == b"host":
-            client_host = values[0]
-            if host is None:
-                out.insert(0, (b"Host", values[0]))
-        elif key == b"content-length":
-            framed = True
-        elif key == b"x-forwarded-for":
-            xff += values
-        elif key == b"forwarded":
-            forwarded += values
-        elif key == b"via":
-            vias += values
-        elif key == b"x-forwarded-proto":
-            xfp += values
-        elif key != b"expect":  # Twisted answers 100-continue itself
+        if kind == _PASS:
             for value in values:
                 out.append((name, value))
+        elif kind == _HOST:
+            client_host = values[0]
+            if host is None:
+                out.insert(0, (b"Host", client_host))
+        elif kind == _FRAMING or kind == _LENGTH:
+            framed = True
+        elif kind == _XFF:
+            xff += values
+        elif kind == _FORWARDED:
+            forwarded += values
+        elif kind == _VIA_IN:
+            vias += values
+        elif kind == _XFP:
+            xfp += values
+        # else _DROP
+    if peer is None:
+        peer_bytes, node = None, b"unknown"
+    else:
+        peer_bytes, node = _peer_forms(peer)
     trusted = peer is not None and bool(xff or forwarded or xfp) and is_trusted(peer)
-    peer_bytes = peer.encode("ascii") if peer is not None else None
     if trusted and xff:
         chain = b", ".join(xff)
         out.append((b"X-Forwarded-For", chain + b", " + peer_bytes if peer_bytes else chain))
     elif peer_bytes is not None:
         out.append((b"X-Forwarded-For", peer_bytes))
-    element = b"for=" + forwarded_node(peer) + b";proto=" + proto
+    element = b"for=" + node + b";proto=" + proto
     if client_host is not None:
         element += b";host=" + _forwarded_value(client_host)
     if trusted and forwarded:
         element = b", ".join(forwarded) + b", " + element
     out.append((b"Forwarded", element))
     out.append((b"X-Forwarded-Proto", b", ".join(xfp) if trusted and xfp else proto))
-    out.append((b"Via", b", ".join([*vias, via])))
+    out.append((b"Via", b", ".join([*vias, via]) if vias else via))
     return out, framed
 
 
@@ -280,18 +336,49 @@ def write_json(
     data = body if isinstance(body, bytes) else json.dumps(body, separators=(",", ":")).encode()
     request.setResponseCode(status)
     response = request.responseHeaders
-    extra = list(headers)
-    named = {name.lower() for name, _ in extra}
-    if b"content-type" not in named:
-        response.setRawHeaders(b"Content-Type", [b"application/json"])
-    if b"cache-control" not in named:
-        response.setRawHeaders(b"Cache-Control", [b"no-store"])
-    for name, value in extra:
-        if name.lower() != b"content-length":
-            response.addRawHeader(name, value)
+    extra = headers if isinstance(headers, tuple) else tuple(headers)
+    set_type, set_cache, added = _json_header_plan(extra) if extra else _NO_EXTRA_HEADERS
+    if set_type:
+        response.setRawHeaders(b"Content-Type", _JSON_TYPE)
+    if set_cache:
+        response.setRawHeaders(b"Cache-Control", _NO_STORE)
+    for name, value in added:
+        response.addRawHeader(name, value)
     response.setRawHeaders(b"Content-Length", [b"%d" % len(data)])
     request.write(data)
     request.finish()
+
+
+_JSON_TYPE = (b"application/json",)
+_NO_STORE = (b"no-store",)
+_HeaderPlan = tuple[bool, bool, tuple[tuple[bytes, bytes], ...]]
+_NO_EXTRA_HEADERS: _HeaderPlan = (True, True, ())
+_HEADER_PLANS: dict[tuple[tuple[bytes, bytes], ...], _HeaderPlan] = {}
+_MAX_HEADER_PLANS = 256
+
+
+def _json_header_plan(extra: tuple[tuple[bytes, bytes], ...]) -> _HeaderPlan:
+    """What :func:`write_json` does with ``extra``: set Content-Type? Cache-Control? add what?
+
+    Refusals pass the same few header tuples again and again, so their plans are kept (up to
+    ``_MAX_HEADER_PLANS`` of them; others, and unhashable ones, are worked out each time).
+    """
+    try:
+        plan = _HEADER_PLANS.get(extra)
+    except TypeError:  # e.g. [name, value] lists
+        plan, cacheable = None, False
+    else:
+        cacheable = len(_HEADER_PLANS) < _MAX_HEADER_PLANS
+    if plan is None:
+        named = {name.lower() for name, _ in extra}
+        plan = (
+            b"content-type" not in named,
+            b"cache-control" not in named,
+            tuple((name, value) for name, value in extra if name.lower() != b"content-length"),
+        )
+        if cacheable:
+            _HEADER_PLANS[extra] = plan
+    return plan
 
 
 @attrs.define(kw_only=True)
@@ -360,13 +447,34 @@ class EdgeProxyResource(ReverseProxyResource):
         """The origin connection pool (shared with every child)."""
         return self._config.pool
 
+    isLeaf = True
+    """The site does not walk one child per path segment (each a copy of this resource): the
+    origin path is built from ``request.postpath`` at once, as the children would have built it."""
+
+    def origin_path(self, request: Request) -> bytes:
+        """Return the origin path for ``request``: ``self.path``, then each remaining segment.
+
+        The same path the chain of :meth:`getChild` calls would give (each segment quoted
+        again, ``/`` included), without building a resource per segment.
+        """
+        base: bytes = self.path
+        postpath: list[bytes] = request.postpath or []
+        if not postpath:  # mounted as a child and addressed without a trailing slash
+            return base
+        if len(postpath) == 1 and not postpath[0]:  # "/", the commonest target
+            return base + b"/"
+        return base + b"".join(
+            b"/" + quote(segment, safe="").encode("ascii") if segment else b"/"
+            for segment in postpath
+        )
+
     @override
     def getChild(self, path: bytes, request: Request) -> EdgeProxyResource:
         """Return a proxy resource for ``self.path + "/" + path`` sharing this configuration."""
         child = object.__new__(type(self))
         child.__dict__.update(self.__dict__)
         child.children = {}
-        child.path = self.path + b"/" + quote(path, safe="").encode("ascii")
+        child.path = self.path + b"/" + (quote(path, safe="").encode("ascii") if path else b"")
         return child
 
     @override
@@ -394,7 +502,7 @@ class EdgeProxyResource(ReverseProxyResource):
             return NOT_DONE_YET
         if config.cache is not None and config.cache.lookup(request):
             return NOT_DONE_YET
-        _ProxyExchange(config, request, self.path).start()
+        _ProxyExchange(config, request, self.origin_path(request)).start()
         return NOT_DONE_YET
 
     def stream_request(self, request: EdgeRequest, length: int | None) -> BodyStream | None:
@@ -425,7 +533,7 @@ class EdgeProxyResource(ReverseProxyResource):
                 request.channel.transport.resumeProducing()  # type: ignore[attr-defined]
 
         stream = BodyStream(pause, resume)
-        _ProxyExchange(config, request, self.path).start(stream, length)
+        _ProxyExchange(config, request, self.origin_path(request)).start(stream, length)
         return stream
 
 
@@ -598,7 +706,7 @@ class _ProxyExchange:
         self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
     ) -> None:
         request = self.request
-        if not self._alive():
+        if self.gone or request.channel is None:
             return
         listed: Iterable[bytes] = ()
         for name, _ in headers:
@@ -606,19 +714,21 @@ class _ProxyExchange:
                 listed = _tokens(v for n, v in headers if n == b"connection")
                 break
         response = Headers()
-        vias = []
+        add = response.addRawHeader
+        hop_by_hop = HOP_BY_HOP
+        vias: list[bytes] = []
         has_date = False
         for name, value in headers:
-            if name in HOP_BY_HOP or name in listed:
+            if name in hop_by_hop or name in listed:
                 continue
             if name == b"via":
                 vias.append(value)
                 continue
             if name == b"date":
                 has_date = True
-            response.addRawHeader(name, value)
-        vias.append(self.config.via)
-        response.setRawHeaders(b"Via", [b", ".join(vias)])
+            add(name, value)
+        via = self.config.via
+        response.setRawHeaders(b"Via", [b", ".join([*vias, via]) if vias else via])
         if not has_date:
             date = request.responseHeaders.getRawHeaders(b"date")
             if date:

@@ -19,7 +19,6 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.server import Request
 
 from edgeauth import logs, tls
 from edgeauth.config import COMMAND_LINE, ConfigError, Settings, database_error, load_settings
@@ -31,7 +30,7 @@ from edgeauth.edge.gate import Gate
 from edgeauth.edge.guard import RequestGuard
 from edgeauth.edge.metrics import EdgeMetrics
 from edgeauth.edge.origin import OriginPool
-from edgeauth.edge.proxy import EdgeProxyResource, Refusal
+from edgeauth.edge.proxy import EdgeProxyResource
 from edgeauth.edge.state import EdgeState
 from edgeauth.edge.store import EdgeStore
 from edgeauth.edge.subscriber import Subscriber
@@ -152,7 +151,7 @@ class EdgeService(AsyncStartService):
             reactor,
             pool=self.origin_pool,
             is_trusted=self.trusted.is_trusted,
-            gate=self._gate_hook,
+            gate=self.guard.gate_hook,  # the gate's refusals pass through as they are
             cache=self.cache,
             on_response=self.guard.on_response,
         )
@@ -225,14 +224,6 @@ class EdgeService(AsyncStartService):
 
     def _share_ban(self, event: IpBanned) -> None:
         self.subscriber.report_ban(event)
-
-    def _gate_hook(self, request: Request) -> Refusal | None:
-        refusal = self.guard.check(request)
-        if refusal is None:
-            return None
-        # The gate's body is already JSON and its headers name Content-Type and Cache-Control,
-        # which write_json then does not set again: pass both through unchanged.
-        return Refusal(refusal.status, refusal.body, refusal.headers)
 
     def build_site(self) -> EdgeSite:
         """Return the proxy's HTTP site with the configured access log."""

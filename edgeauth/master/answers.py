@@ -50,7 +50,11 @@ _COMPACT = json.JSONEncoder(separators=(",", ":"))
 
 def json_answer(request: IRequest, status: int, doc: Any) -> bytes:
     """Set status and headers of a compact JSON answer and return its body."""
-    body = _COMPACT.encode(doc).encode()
+    return encoded_json_answer(request, status, _COMPACT.encode(doc).encode())
+
+
+def encoded_json_answer(request: IRequest, status: int, body: bytes) -> bytes:
+    """As :func:`json_answer` for a body already encoded as compact JSON; returns ``body``."""
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"cache-control", b"no-store")
@@ -88,6 +92,7 @@ def authenticate(
 __all__ = [
     "HTTPError",
     "authenticate",
+    "encoded_json_answer",
     "error_body",
     "finish_with",
     "json_answer",

@@ -149,7 +149,11 @@ class TokenAuthority:
             client_roles: ``(common name, role)`` pairs (``[master] tls_client_roles``).
             sessions: the dashboard sessions, if the dashboard is served.
         """
-        self._tokens = tuple(tokens)
+        # Principals are immutable: one per token, built once (attrs' frozen __init__ costs
+        # about as much as the hash of the presented token).
+        self._principals = tuple(
+            (entry.digest, Principal(entry.name, entry.role)) for entry in tokens
+        )
         self.client_roles: Mapping[str, str] = dict(client_roles)
         self.sessions = sessions
 
@@ -174,13 +178,13 @@ class TokenAuthority:
         if match is None or match.group(1).lower() != b"bearer":
             raise _unauthorized("the Authorization header must be 'Bearer <token>'")
         digest = hashlib.sha256(match.group(2)).digest()
-        found: TokenEntry | None = None
-        for entry in self._tokens:  # every entry, always: no early exit on a match
-            if hmac.compare_digest(digest, entry.digest):
-                found = entry
+        found: Principal | None = None
+        for known, principal in self._principals:  # every entry, always: no early exit on a match
+            if hmac.compare_digest(digest, known):
+                found = principal
         if found is None:
             raise _unauthorized("the token is not valid")
-        return Principal(found.name, found.role)
+        return found
 
     def authorize(self, principal: Principal, allowed_roles: Collection[str]) -> None:
         """Refuse a principal whose role is not among ``allowed_roles``.

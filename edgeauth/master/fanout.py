@@ -1,11 +1,13 @@
 """Fan-out of committed events to live readers: SSE subscribers and waiting long-polls.
 
 Every commit is encoded once per frame kind, and for HTTP/1.1 readers once more as a chunk of the
-chunked response body; the same bytes object is then written to every live subscriber's transport
-(one ``write`` each, nothing copied per reader), so the cost of an event grows with the number of
-sockets, not with JSON work. The clock is read and the Prometheus byte counter incremented once
-per commit, not per reader. Subscribers that do not drain their socket are disconnected (they
-catch up by offset when they come back).
+chunked response body; the same bytes object is then written to every live subscriber (nothing
+copied per reader), so the cost of an event grows with the number of sockets, not with JSON work.
+A plain-TCP reader whose Twisted write buffers are empty gets that chunk with one ``send`` on its
+socket, at once (see :func:`_send_chunk`); only an unsent remainder, or a chunk for a reader that
+is TLS or already has data queued, goes through ``transport.write``. The clock is read and the
+Prometheus byte counter incremented once per commit, not per reader. Subscribers that do not
+drain their socket are disconnected (they catch up by offset when they come back).
 
 One timer serves every subscriber (a ``LoopingCall`` running every ``min(1 s, ping_interval / 4,
 sse_cycle / 20)`` while any subscriber is connected): it writes a ``: ping`` comment to those
@@ -24,6 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import attrs
+from twisted.internet import abstract, tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -48,6 +51,98 @@ PING = encode_comment("ping")
 FLEET_FORGET_AFTER = 300.0
 MAX_TICK = 1.0
 """Longest period of the shared ping and cycle timer, seconds."""
+
+# --- sending a chunk at once -------------------------------------------------------------------
+#
+# ``transport.write`` only queues: it appends to the transport's buffer and calls
+# ``startWriting`` (an ``epoll_ctl``); the bytes leave in the next reactor turn (``send``, then
+# ``stopWriting``, a second ``epoll_ctl``). With N readers no reader gets a commit before the loop
+# over all N has finished, and each costs two system calls more than the ``send`` itself. When
+# nothing is queued for a reader, the fan-out therefore calls ``send`` on its socket right away and
+# queues only what the kernel did not take through ``transport.write`` (order kept; Twisted's
+# backpressure and thus the slow-consumer detection work on the queued part as before).
+#
+# This needs to know that the transport's buffers are empty, and ITransport has no public way to
+# ask: it reads attributes of Twisted's FileDescriptor that are private (``dataBuffer``,
+# ``offset``, ``_tempDataBuffer``, ``_aborting``, ``_writeDisconnecting``). They are looked for
+# once, here; if a Twisted release lacks any of them, every chunk goes through
+# ``transport.write``. Only an exact ``tcp.Server`` qualifies (never a subclass, never a TLS
+# transport: ``TLSMemoryBIOProtocol`` forwards unknown attributes to the TCP transport beneath it,
+# so duck typing would write plaintext into a TLS stream), and not after ``startTLS`` (``TLS``).
+_CLASS_ATTRIBUTES = (
+    "connected",
+    "disconnecting",
+    "dataBuffer",
+    "offset",
+    "_aborting",
+    "_writeDisconnecting",
+    "TLS",
+    "getHandle",
+    "write",
+)
+
+
+class _NoReactor:
+    """A stand-in reactor for the probe below (``FileDescriptor`` only stores it)."""
+
+
+def _direct_send_transport() -> type | None:
+    """Return the transport class the direct send applies to, or None if it cannot be used."""
+    server = tcp.Server
+    if not issubclass(server, abstract.FileDescriptor):
+        return None
+    if not all(hasattr(server, name) for name in _CLASS_ATTRIBUTES):
+        return None
+    try:
+        probe = abstract.FileDescriptor(reactor=_NoReactor())  # type: ignore[arg-type]
+    except Exception:  # a future signature: do without the direct send
+        return None
+    if getattr(probe, "_tempDataBuffer", None) != []:
+        return None
+    return server
+
+
+DIRECT_SEND_TRANSPORT: type | None = _direct_send_transport()
+"""``tcp.Server`` when chunks may be sent at once on such transports, else None (feature check)."""
+
+
+def _send_chunk(fanout: Fanout, transport: ITransport, chunk: bytes) -> None:
+    """Write ``chunk`` to a reader: at once on its socket when nothing is queued, else queue it.
+
+    On a plain ``tcp.Server`` with empty buffers that is neither closing nor aborted, ``chunk`` is
+    passed to ``socket.send``; whatever the kernel did not take (all of it on ``EAGAIN``) is
+    queued with ``transport.write``. Any other ``OSError`` (a reset, a broken pipe) queues the
+    whole chunk as well: Twisted meets the error on its own ``send`` and closes the connection as
+    usual. Anything else (TLS, data already queued) goes through ``transport.write`` unchanged.
+    """
+    t: Any = transport
+    plain_tcp = type(transport) is DIRECT_SEND_TRANSPORT
+    if (
+        not plain_tcp
+        or not t.connected
+        or t.disconnecting
+        or t._aborting
+        or t._writeDisconnecting
+        or t.TLS
+        or t._tempDataBuffer
+        or t.offset != len(t.dataBuffer)
+    ):
+        fanout.queued_sends += 1
+        transport.write(chunk)
+        return
+    try:
+        sent = t.getHandle().send(chunk)
+    except BlockingIOError:  # EAGAIN / EWOULDBLOCK: the socket buffer is full
+        sent = 0
+    except OSError:
+        fanout.queued_sends += 1
+        transport.write(chunk)
+        return
+    if sent == len(chunk):
+        fanout.direct_sends += 1
+        return
+    fanout.partial_sends += 1
+    transport.write(chunk[sent:])
 
 
 def stream_frames(records: Sequence[LogRecord], cursor: int, up_to_date: bool = True) -> bytes:
@@ -150,8 +245,8 @@ class Subscriber:
         transport = self.transport
         if transport is not None and chunk is not None:
             # What Request.write does for a chunked response, minus its per-write framing and
-            # the copy that joining the framing with the data costs.
-            transport.write(chunk)
+            # the copy that joining the framing with the data costs, sent at once if it can be.
+            _send_chunk(self.fanout, transport, chunk)
             request.sentLength += len(data)
             return True
         request.write(data)
@@ -229,6 +324,12 @@ class Fanout:
         self.fleet: dict[str, FleetMember] = {}
         self.tick = min(MAX_TICK, ping_interval / 4, sse_cycle / 20)
         """Seconds between runs of the shared ping and cycle timer."""
+        self.direct_sends = 0
+        """Chunks sent whole by one ``send`` on the reader's socket, at once."""
+        self.partial_sends = 0
+        """Chunks of which ``send`` took a part or nothing; the rest was queued."""
+        self.queued_sends = 0
+        """Chunks queued whole with ``transport.write`` (TLS, data already queued, or an error)."""
         self._timer = LoopingCall(self._tick)
         self._timer.clock = clock
         event_log.add_listener(self._committed)

@@ -4,9 +4,11 @@ One SQLite file in WAL mode with ``synchronous=FULL`` (every commit fsyncs the W
 through adbapi with exactly one connection, so every statement runs in that pool's thread and
 never on the reactor. An append writes the event row and the state row (bans, allows,
 revocations) in one transaction. Appends that arrive while a transaction is in flight are
-group-committed together in the next one, and each caller's Deferred fires only after the commit,
-so an acknowledged event is never lost. The most recent events are also kept in memory, already
-encoded, so live readers and catch-up reads near the tail never touch the database.
+group-committed together in the next one (started as soon as the one in flight commits, so that
+its fsync overlaps the answers to the previous group), and each caller's Deferred fires only
+after the commit, so an acknowledged event is never lost. The most recent events are also kept
+in memory, already encoded, so live readers and catch-up reads near the tail never touch the
+database.
 """
 
 from __future__ import annotations
@@ -90,6 +92,9 @@ class IEventLog(Interface):
     def append(event: Event) -> Deferred[Event]:
         """Durably append one event; fires with it (seq assigned) after the commit."""
 
+    def append_record(event: Event) -> Deferred[LogRecord]:
+        """As ``append``, but fires with the committed :class:`LogRecord` (event and JSON text)."""
+
     def read(after: int, limit: int, max_bytes: int) -> Deferred[list[LogRecord]]:
         """Return committed events with seq > after, at most ``limit`` / ``max_bytes``."""
 
@@ -117,6 +122,10 @@ CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY, type TEXT NOT NULL, timestamp REAL NOT NULL, body TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS events_by_time ON events (timestamp);
 """
+
+
+def _event_of(record: LogRecord) -> Event:
+    return record.event
 
 
 def _open_connection(conn: sqlite3.Connection) -> None:
@@ -271,7 +280,7 @@ class SqliteEventLog:
         self.earliest = 1
         self._recent: collections.deque[LogRecord] = collections.deque(maxlen=memory_events)
         self._pool: adbapi.ConnectionPool | None = None
-        self._queue: list[tuple[Event, Deferred[Event]]] = []
+        self._queue: list[tuple[Event, Deferred[LogRecord]]] = []
         self._committing: Deferred[None] | None = None
         self._listeners: list[Listener] = []
 
@@ -357,7 +366,11 @@ class SqliteEventLog:
 
     def append(self, event: Event) -> Deferred[Event]:
         """Queue ``event``; it joins the next group commit. Fires after it is durable."""
-        d: Deferred[Event] = Deferred()
+        return self.append_record(event).addCallback(_event_of)
+
+    def append_record(self, event: Event) -> Deferred[LogRecord]:
+        """As :meth:`append`, but fires with the committed record (the event and its JSON text)."""
+        d: Deferred[LogRecord] = Deferred()
         if self._pool is None:
             d.errback(RuntimeError("the event log is not open"))
             return d
@@ -372,14 +385,25 @@ class SqliteEventLog:
         self._committing = done
         d = self._pool_run(_append_txn, [draft for draft, _ in batch])
 
+        def next_batch() -> None:
+            # The appends queued during this commit start their own at once, before this group's
+            # callers are answered: that transaction and its fsync then run in the pool's thread
+            # while the reactor answers this group (each caller still fires only after its own
+            # commit, and the pool's one thread keeps the transactions in order). With nothing
+            # queued, this group stays "in flight" until it is answered: close() waits for it,
+            # and appends made by its callers queue and start when it is finished.
+            if self._committing is done and self._queue:
+                self._flush()
+
         def committed(results: list[LogRecord | RefusedError]) -> None:
+            next_batch()
             records = [r for r in results if isinstance(r, LogRecord)]
             if records:
                 self.tail = records[-1].seq
                 self._recent.extend(records)
             for (_, waiter), result in zip(batch, results, strict=True):
                 if isinstance(result, LogRecord):
-                    waiter.callback(result.event)
+                    waiter.callback(result)
                 else:
                     waiter.errback(result)
             if records:
@@ -390,17 +414,18 @@ class SqliteEventLog:
                         log.failure("event log listener failed")
 
         def failed(failure: Any) -> None:
+            next_batch()
             log.failure("append transaction failed; {n} writes refused", failure, n=len(batch))
             for _, waiter in batch:
                 waiter.errback(failure)
 
-        def next_batch(_: object) -> None:
-            self._committing = None
-            if self._queue:
-                self._flush()
+        def finished(_: object) -> None:
+            next_batch()  # appends made while this group was answered
+            if self._committing is done:
+                self._committing = None
             done.callback(None)
 
-        d.addCallbacks(committed, failed).addBoth(next_batch)
+        d.addCallbacks(committed, failed).addBoth(finished)
 
     def read(self, after: int, limit: int, max_bytes: int = 1 << 20) -> Deferred[list[LogRecord]]:
         """Return events with seq > ``after`` (at least one if any), bounded by count and bytes."""

@@ -7,6 +7,7 @@ pending commits finish, then the database closes.
 
 from __future__ import annotations
 
+import gc
 import inspect
 import sqlite3
 from typing import Any
@@ -54,6 +55,28 @@ _SITE_OPTIONS: dict[str, Any] = (
     if "parsePOSTFormSubmission" in inspect.signature(Site.__init__).parameters
     else {}
 )
+
+
+GC_YOUNG_THRESHOLD = 10_000
+"""Allocations (net of frees) between two collections of the youngest generation (Python: 700)."""
+
+
+def tune_garbage_collector() -> None:
+    """Keep Python's cyclic garbage collector from scanning the master's long-lived objects.
+
+    Called once the master listens, in the twistd process only (:func:`makeService`; not in
+    tests, which start many masters in one process). Measured with 64 clients: about a tenth of
+    the reactor's CPU per ban went to collections, mostly of the oldest generation, which walks
+    every object of the process (modules, Klein, the in-memory tail of the log) although almost
+    nothing of a request outlives it or forms cycles. The start-up heap is collected once, then
+    frozen (:func:`gc.freeze`: left out of every later collection), and the youngest generation
+    is collected every :data:`GC_YOUNG_THRESHOLD` allocations instead of 700, so the older ones
+    come ten and a hundred times less often too. Cyclic garbage is still collected, later.
+    """
+    gc.collect()
+    gc.freeze()
+    young, middle, old = gc.get_threshold()
+    gc.set_threshold(max(young, GC_YOUNG_THRESHOLD), middle, old)
 
 
 class Options(usage.Options):
@@ -114,6 +137,8 @@ class MasterService(AsyncStartService):
         self.database_source: str | None = settings.path
         """The ini file (or ``<command line>``) that set ``[master] database``, for errors."""
         self._site: ClosingSite | None = None
+        self.tune_gc = False
+        """Call :func:`tune_garbage_collector` once listening (set for twistd by makeService)."""
 
     def build_site(self) -> ClosingSite:
         """Return the HTTP site: stream resources plus the Klein operator API."""
@@ -196,6 +221,8 @@ class MasterService(AsyncStartService):
             log_id=self.log.log_id,
             tail=self.log.tail,
         )
+        if self.tune_gc:
+            tune_garbage_collector()
 
     async def _check_writable(self) -> None:
         """Set ``edgeauth_master_log_writable`` from one write transaction; log changes."""
@@ -246,6 +273,7 @@ def makeService(options: Options) -> service.IService:
 
     settings: Settings = options["settings"]
     svc = MasterService(settings, reactor)
+    svc.tune_gc = True
     if options["database"] is not None:
         svc.database_source = COMMAND_LINE
     svc.setName("edgeauth-master")

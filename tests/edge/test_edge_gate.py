@@ -14,7 +14,14 @@ from edgeauth.edge.failures import FailureWindow
 from edgeauth.edge.gate import Gate, Refusal
 from edgeauth.edge.index import EdgeIndexes
 from edgeauth.edge.jwt import JWTVerifier
-from edgeauth.events import EventError, IpAllowed, IpBanned, SubjectRevoked, TokenRevoked
+from edgeauth.events import (
+    EventError,
+    IpAllowed,
+    IpBanned,
+    IpUnbanned,
+    SubjectRevoked,
+    TokenRevoked,
+)
 
 SECRET = "a-test-secret-that-is-long-enough-1234"
 NOW = 1_763_850_000.0
@@ -83,6 +90,40 @@ def test_banned_client_gets_403_with_ref(harness: Harness) -> None:
     assert (b"Content-Type", b"application/json") in refusal.headers
     assert refusal.ban is not None and refusal.ban.ip == "198.51.100.0/24"
     assert harness.local_bans == []
+
+
+def test_refusal_is_reused_while_the_same_ban_entry_refuses(harness: Harness) -> None:
+    """One ban entry, one 403: reused across clients; a re-ban or another entry builds anew."""
+    harness.ban("198.51.100.0/24", seq=42)
+    first = harness.check(ip="198.51.100.7", path=b"/public")
+    assert first is not None and first.body == b'{"error":"ip_banned","ref":42}'
+    assert harness.check(ip="198.51.100.8", path=b"/public") is first
+    assert harness.check(ip="198.51.100.7", path=b"/api/items") is first
+
+    harness.ban("203.0.113.0/24", seq=43)  # another entry in between: its own answer
+    assert body(harness.check(ip="203.0.113.1", path=b"/public")) == {
+        "error": "ip_banned",
+        "ref": 43,
+    }
+    again = harness.check(ip="198.51.100.7", path=b"/public")
+    assert again is not None and body(again)["ref"] == 42 and again.ban is first.ban
+
+    harness.ban("198.51.100.0/24", seq=50)  # the network banned again: a new entry, a new seq
+    rebanned = harness.check(ip="198.51.100.9", path=b"/public")
+    assert rebanned is not None and rebanned is not first
+    assert rebanned.ban is not first.ban and rebanned.ban is not None
+    assert rebanned.ban.seq == 50
+    assert rebanned.body == b'{"error":"ip_banned","ref":50}'
+    assert (rebanned.status, rebanned.headers, rebanned.reason) == (
+        first.status,
+        first.headers,
+        first.reason,
+    )
+    assert harness.check(ip="198.51.100.7", path=b"/public") is rebanned
+
+    harness.indexes.apply(IpUnbanned(seq=51, ip="198.51.100.0/24", source="operator:alice"))
+    assert harness.check(ip="198.51.100.7", path=b"/public") is None
+    assert harness.check(ip="198.51.100.9", path=b"/public") is None
 
 
 def test_ban_comes_before_the_token(harness: Harness) -> None:

@@ -182,6 +182,11 @@ class Harness:
         self.pools.append(pool)
         return pool
 
+    async def replaying(self, replies: list[bytes]) -> tuple[RawOrigin, OriginPool]:
+        """A raw origin that answers its n-th request with ``replies[n - 1]``, and a pool to it."""
+        origin = RawOrigin(lambda proto, request, n: proto.send(replies[n - 1]))
+        return origin, self.pool(await self.listen(origin))
+
     async def close(self) -> None:
         for pool in self.pools:
             await pool.close()
@@ -332,8 +337,7 @@ async def test_no_body_responses_keep_the_connection(h: Harness) -> None:
         b"HTTP/1.1 204 No Content\r\n\r\n",
         ok(b"last"),
     ]
-    origin = RawOrigin(lambda proto, request, n: proto.send(replies[n - 1]))
-    pool = h.pool(await h.listen(origin))
+    origin, pool = await h.replaying(replies)
     head = await fetch(pool, get(method=b"HEAD"))
     assert (head.status, head.body, head.headers) == (200, b"", [(b"x-a", b"1")])
     assert [(await fetch(pool)).status for _ in range(2)] == [304, 204]
@@ -469,3 +473,261 @@ async def test_a_failing_handler_is_reported_not_blamed_on_the_origin(h: Harness
     assert isinstance(broken.error, BadGatewayError)
     assert broken.error.detail == "the edge failed to relay the response"
     assert any(e.get("log_failure") is not None for e in logged)
+
+
+# -- one timer for every call's response timeout -------------------------------------------------
+
+
+def test_one_timer_checks_the_response_timeout_of_every_call() -> None:
+    """Calls waiting on a connection share one DelayedCall; each times out after its own silence."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    clock = MemoryReactorClock()  # connections are never made: the calls stay connecting
+    pool = OriginPool(clock, "http", LOCAL, 80, response_timeout=10.0)
+    first, second, third = Collector(), Collector(), Collector()
+    a = pool.request(get(), first)
+    clock.advance(4.0)
+    b = pool.request(get(), second)
+    c = pool.request(get(), third)
+    assert len(clock.getDelayedCalls()) == 1
+    c.cancel()
+    clock.advance(5.9)  # t = 9.9
+    assert first.error is None
+    b.pauseProducing()
+    b.resumeProducing()  # progress at t = 9.9: b's deadline moves to 19.9
+    clock.advance(0.2)  # t = 10.1 (the slack is at most response_timeout / 10)
+    assert isinstance(first.error, OriginTimeoutError) and first.error.status == 504
+    assert a.done and not b.done and second.error is None and third.error is None
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(9.7)  # t = 19.8
+    assert second.error is None
+    clock.advance(1.2)  # t = 21.0
+    assert isinstance(second.error, OriginTimeoutError)
+    assert third.error is None  # cancelled: no report
+    assert clock.getDelayedCalls() == []  # nothing left to watch, no timer
+
+
+def test_closing_the_pool_stops_the_timer_once_no_call_is_left() -> None:
+    """Queued calls fail at once; a call still connecting keeps its timeout."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    clock = MemoryReactorClock()
+    pool = OriginPool(clock, "http", LOCAL, 80, max_connections=1, response_timeout=10.0)
+    connecting, queued = Collector(), Collector()
+    pool.request(get(), connecting)
+    pool.request(get(), queued)
+    pool.close()
+    assert isinstance(queued.error, OriginUnreachableError)
+    assert connecting.error is None and len(clock.getDelayedCalls()) == 1
+    clock.advance(11.0)
+    assert isinstance(connecting.error, OriginTimeoutError)
+    assert clock.getDelayedCalls() == []
+
+    idle = OriginPool(clock, "http", LOCAL, 80, response_timeout=10.0)
+    idle.request(get(), Collector()).cancel()
+    idle.close()
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_handler_starting_a_call_while_calls_time_out_keeps_the_timer_right() -> None:
+    """A call made from a timed-out call's handler is watched, by one timer, at its deadline."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    clock = MemoryReactorClock()
+    pool = OriginPool(clock, "http", LOCAL, 80, response_timeout=10.0)
+    again = Collector()
+
+    class Retrying(Collector):
+        def response_failed(self, error: OriginError) -> None:
+            super().response_failed(error)
+            pool.request(get(), again)
+
+    pool.request(get(), Retrying())
+    clock.advance(4.0)
+    waiting = Collector()
+    pool.request(get(), waiting)  # deadline 14
+    clock.advance(6.0)  # t = 10: the first times out, its handler asks again (deadline 20)
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(4.5)  # t = 14.5
+    assert isinstance(waiting.error, OriginTimeoutError) and again.error is None
+    clock.advance(6.0)  # t = 20.5
+    assert isinstance(again.error, OriginTimeoutError)
+
+
+# -- the calls do not keep their handlers alive -------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_ended_call_lets_go_of_its_handler(h: Harness) -> None:
+    """After the last report, the call no longer refers to its handler: no reference cycle."""
+    import gc
+    import weakref
+
+    origin = RawOrigin(lambda proto, request, n: proto.send(ok()))
+    pool = h.pool(await h.listen(origin))
+    ended: Deferred[None] = Deferred()
+
+    class Handler:
+        """Holds its call, as the proxy's and the cache's handlers do."""
+
+        call: Any = None
+
+        def response_started(self, *args: Any) -> None:
+            pass
+
+        def response_body(self, data: bytes) -> None:
+            pass
+
+        def response_finished(self) -> None:
+            reactor.callLater(0, ended.callback, None)
+
+        def response_failed(self, error: OriginError) -> None:
+            raise AssertionError(error)
+
+    handler = Handler()
+    handler.call = call = pool.request(get(), handler)
+    await ended
+    assert call.done and call.handler is not handler
+    call.handler.response_body(b"ignored")  # the ended handler hears nothing
+    gone = weakref.ref(handler)
+    gc.disable()
+    try:
+        del handler
+        assert gone() is None  # freed by reference counting alone
+    finally:
+        gc.enable()
+
+
+# -- requests written straight to the socket ----------------------------------------------------
+
+
+class PausedOriginProtocol(RawOriginProtocol):
+    """Does not read for 0.2 s after connecting, so a large request fills the socket buffers."""
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        assert self.transport is not None
+        self.transport.pauseProducing()  # type: ignore[attr-defined]
+        reactor.callLater(0.2, self.transport.resumeProducing)  # type: ignore[attr-defined]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_the_socket_cannot_take_at_once_goes_out_whole_and_in_order(
+    h: Harness,
+) -> None:
+    """A partial send leaves the rest to the transport; later requests follow it, in order."""
+    from edgeauth.edge.origin import _OriginProtocol
+
+    class Origin(RawOrigin):
+        def buildProtocol(self, addr: Any) -> RawOriginProtocol:
+            return PausedOriginProtocol(self)
+
+    origin = Origin(lambda proto, request, n: proto.send(ok(b"%d" % len(request))))
+    pool = h.pool(await h.listen(origin))
+    small = await fetch(pool)
+    assert small.status == 200
+    (proto,) = pool._idle
+    assert isinstance(proto, _OriginProtocol) and proto.direct is not None
+    big = b"v" * (16 * 1024 * 1024)
+    request = OriginRequest(
+        method=b"GET", target=b"/big", headers=[(b"Host", b"o"), (b"X-Big", big)]
+    )
+    got = await fetch(pool, request)
+    assert proto.direct is None  # from now on everything goes through the transport
+    after = await fetch(pool, get(b"/after"))
+    assert len(origin.connections) == 1
+    assert origin.requests[1] == b"GET /big HTTP/1.1\r\nHost: o\r\nX-Big: " + big + b"\r\n\r\n"
+    assert origin.requests[2] == b"GET /after HTTP/1.1\r\nHost: origin\r\n\r\n"
+    assert (got.body, after.status) == (b"%d" % len(origin.requests[1]), 200)
+
+
+def test_only_a_plain_tcp_transport_is_written_to_directly() -> None:
+    """A TLS (or any other) transport hides the socket its bytes must go through."""
+    from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+    from edgeauth.edge.origin import _OriginProtocol
+
+    pool = OriginPool(MemoryReactorClock(), "http", LOCAL, 80)
+    proto = _OriginProtocol(pool)
+    proto.makeConnection(StringTransport())
+    assert proto.direct is None
+    proto._send(b"GET / HTTP/1.1\r\n\r\n")
+    assert proto.transport.value() == b"GET / HTTP/1.1\r\n\r\n"  # type: ignore[union-attr]
+
+
+@pytest_twisted.ensureDeferred
+async def test_uploads_go_through_the_transport_after_the_head(h: Harness) -> None:
+    """A body streamed by a producer turns direct writes off for the rest of the connection."""
+    _, port = await h.app()
+    pool = h.pool(port)
+    got = await fetch(pool, get(b"/echo", b"POST", body=io.BytesIO(BODY), content_length=len(BODY)))
+    assert json.loads(got.body)["ok"]
+    (proto,) = pool._idle
+    assert proto.direct is None
+    assert json.loads((await fetch(pool, get(b"/echo"))).body)["length"] == 0
+
+
+# -- one parser per connection ------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_connection_parses_a_mix_of_responses_in_turn(h: Harness) -> None:
+    """Lengths, chunks with trailers, 1xx, HEAD, 204 and 304 follow each other on one connection."""
+    replies = [
+        ok(b"one"),
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\ntwo\r\n0\r\nX-T: 1\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\n" + ok(b"three"),
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n",  # HEAD: no body follows
+        ok(b"four"),
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+        b"HTTP/1.1 304 Not Modified\r\nContent-Length: 50\r\n\r\n",
+        b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 4\r\n\r\nfive",
+        ok(b"six"),
+    ]
+    origin, pool = await h.replaying(replies)
+    got = []
+    for n in range(len(replies)):
+        result = await fetch(pool, get(method=b"HEAD" if n == 3 else b"GET"))
+        assert result.error is None
+        got.append((result.status, result.body))
+    assert got == [
+        (200, b"one"),
+        (200, b"two"),
+        (200, b"three"),
+        (200, b""),
+        (200, b"four"),
+        (204, b""),
+        (304, b""),
+        (200, b"five"),
+        (200, b"six"),
+    ]
+    assert len(origin.connections) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tls_origin_is_never_written_to_beneath_its_tls_layer(h: Harness) -> None:
+    """Over TLS the requests go through the TLS transport: the origin reads them decrypted."""
+    from pathlib import Path
+
+    import twisted.test
+    from twisted.internet import ssl
+    from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    pem = (Path(twisted.test.__file__).parent / "server.pem").read_bytes()
+    certificate = ssl.PrivateCertificate.loadPEM(pem)
+    origin = RawOrigin(lambda proto, request, n: proto.send(ok(b"secret %d" % n)))
+    port = await serverFromString(reactor, f"tcp:0:interface={LOCAL}").listen(
+        TLSMemoryBIOFactory(certificate.options(), False, origin)
+    )
+    h.ports.append(port)
+    pool = h.pool(port.getHost().port)
+    # The test certificate is self-signed: connect without verifying it (the pool's own
+    # endpoint would verify the origin's name against the system's trust store).
+    pool._endpoint = wrapClientTLS(
+        ssl.CertificateOptions(), TCP4ClientEndpoint(reactor, LOCAL, port.getHost().port)
+    )
+    assert [(await fetch(pool)).body for _ in range(3)] == [b"secret 1", b"secret 2", b"secret 3"]
+    (proto,) = pool._idle
+    assert proto.direct is None
+    assert len(origin.connections) == 1

@@ -1120,6 +1120,166 @@ def test_forwarded_node_and_header_builder() -> None:
     assert calls == [], "is_trusted is asked only when forwarding headers came in"
 
 
+def _reference_origin_request_headers(
+    headers: Headers,
+    *,
+    peer: str | None,
+    is_trusted: Callable[[str], bool],
+    proto: bytes,
+    host: bytes | None,
+    via: bytes = b"1.1 edgeauth",
+) -> tuple[list[tuple[bytes, bytes]], bool]:
+    """origin_request_headers as first written (a chain of tests per header): the reference."""
+    from edgeauth.edge.proxy import HOP_BY_HOP, _forwarded_value
+
+    def tokens(values: Any) -> set[bytes]:
+        return {t.strip().lower() for v in values for t in v.split(b",")} - {b""}
+
+    connection = headers.getRawHeaders(b"connection")
+    listed: Any = tokens(connection) if connection else ()
+    out: list[tuple[bytes, bytes]] = [(b"Host", host)] if host is not None else []
+    xff: list[bytes] = []
+    forwarded: list[bytes] = []
+    vias: list[bytes] = []
+    xfp: list[bytes] = []
+    client_host: bytes | None = None
+    framed = False
+    for name, values in headers.getAllRawHeaders():
+        key = name.lower()
+        if key in HOP_BY_HOP or key in listed:
+            if key == b"transfer-encoding":
+                framed = True
+            continue
+        if key == b"host":
+            client_host = values[0]
+            if host is None:
+                out.insert(0, (b"Host", values[0]))
+        elif key == b"content-length":
+            framed = True
+        elif key == b"x-forwarded-for":
+            xff += values
+        elif key == b"forwarded":
+            forwarded += values
+        elif key == b"via":
+            vias += values
+        elif key == b"x-forwarded-proto":
+            xfp += values
+        elif key != b"expect":
+            for value in values:
+                out.append((name, value))
+    trusted = peer is not None and bool(xff or forwarded or xfp) and is_trusted(peer)
+    peer_bytes = peer.encode("ascii") if peer is not None else None
+    if trusted and xff:
+        chain = b", ".join(xff)
+        out.append((b"X-Forwarded-For", chain + b", " + peer_bytes if peer_bytes else chain))
+    elif peer_bytes is not None:
+        out.append((b"X-Forwarded-For", peer_bytes))
+    element = b"for=" + forwarded_node(peer) + b";proto=" + proto
+    if client_host is not None:
+        element += b";host=" + _forwarded_value(client_host)
+    if trusted and forwarded:
+        element = b", ".join(forwarded) + b", " + element
+    out.append((b"Forwarded", element))
+    out.append((b"X-Forwarded-Proto", b", ".join(xfp) if trusted and xfp else proto))
+    out.append((b"Via", b", ".join([*vias, via])))
+    return out, framed
+
+
+_SPECIAL_NAMES = [
+    b"Host", b"host", b"Content-Length", b"Transfer-Encoding", b"X-Forwarded-For",
+    b"Forwarded", b"Via", b"X-Forwarded-Proto", b"Expect", b"Connection", b"Keep-Alive",
+    b"TE", b"Trailer", b"Upgrade", b"Proxy-Authorization", b"Proxy-Connection",
+    b"Accept", b"Cookie", b"X-Custom", b"User-Agent",
+]  # fmt: skip
+_header_names = st.one_of(
+    st.sampled_from(_SPECIAL_NAMES),
+    st.from_regex(rb"\A[A-Za-z][A-Za-z0-9-]{0,12}\Z"),
+)
+_header_values = st.binary(max_size=24).map(
+    lambda v: v.replace(b"\r", b"").replace(b"\n", b"").replace(b"\0", b"")
+)
+_connection_values = st.lists(
+    st.sampled_from([b"keep-alive", b"close", b"X-Custom", b"host", b"Content-Length", b"te",
+                     b"transfer-encoding", b"Via", b"cookie", b" ", b"upgrade"]),
+    max_size=4,
+).map(b", ".join)  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    pairs=st.lists(
+        st.one_of(
+            st.tuples(_header_names, _header_values),
+            st.tuples(st.just(b"Connection"), _connection_values),
+        ),
+        max_size=12,
+    ),
+    peer=st.sampled_from([None, "192.0.2.1", "127.0.0.1", "2001:db8::1", "::1"]),
+    trusted=st.booleans(),
+    proto=st.sampled_from([b"http", b"https"]),
+    host=st.sampled_from([None, b"origin:81", b"o"]),
+    via=st.sampled_from([b"1.1 edgeauth", b"1.1 edge-b"]),
+)
+def test_origin_request_headers_matches_the_reference(
+    pairs: list[tuple[bytes, bytes]],
+    peer: str | None,
+    trusted: bool,
+    proto: bytes,
+    host: bytes | None,
+    via: bytes,
+) -> None:
+    """The one-lookup-per-header builder gives what the chain of tests gave, for any headers."""
+    headers = Headers()
+    for name, value in pairs:
+        headers.addRawHeader(name, value)
+    asked: list[list[str]] = [[], []]
+    got, want = (
+        build(
+            headers,
+            peer=peer,
+            is_trusted=lambda ip, seen=seen: seen.append(ip) is None and trusted,
+            proto=proto,
+            host=host,
+            via=via,
+        )
+        for build, seen in zip(
+            (origin_request_headers, _reference_origin_request_headers), asked, strict=True
+        )
+    )
+    assert got == want
+    assert asked[0] == asked[1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_proxied_request_is_freed_without_the_garbage_collector(net: Net) -> None:
+    """Request, exchange and origin call form no reference cycle once the response is sent."""
+    import gc
+    import weakref
+
+    refs: list[weakref.ref[Request]] = []
+
+    class Tracked(EdgeRequest):
+        def __init__(self, *args: Any, **kw: Any) -> None:
+            super().__init__(*args, **kw)
+            refs.append(weakref.ref(self))
+
+    _, _, origin_port = await net.origin()
+    _, url = await net.edge(origin_port, site_kw={"requestFactory": Tracked})
+    client = net.client(url)
+    assert (await client.request("GET", "/sized")).code == 200
+    gc.collect()
+    gc.disable()
+    try:
+        refs.clear()
+        for _ in range(3):
+            assert (await client.request("GET", "/sized?x=1")).code == 200
+        await deferLater(reactor, 0.05)
+        assert len(refs) == 3
+        assert [r() for r in refs] == [None, None, None]
+    finally:
+        gc.enable()
+
+
 # -- interim responses, HEAD, upgrades -----------------------------------------------------------
 
 
@@ -1479,3 +1639,89 @@ def test_buffered_access_log_drops_rather_than_grows() -> None:
     for _ in range(10):
         log.log(None)  # type: ignore[arg-type]
     assert log.dropped == 6 and log.written == 0
+
+
+# -- the origin path: a leaf resource instead of one child per path segment --------------------
+
+
+class _WalkedProxy(EdgeProxyResource):
+    """The proxy as it was before it became a leaf: the site walks one child per segment."""
+
+    isLeaf = False
+
+
+def _resource_and_postpath(root: Resource, uri_path: bytes) -> tuple[Resource, list[bytes]]:
+    """What twisted.web's site finds for ``uri_path`` under ``root``, and the postpath left."""
+    from urllib.parse import unquote_to_bytes
+
+    from twisted.web.resource import getChildForRequest
+    from twisted.web.test.requesthelper import DummyRequest
+
+    # as twisted.web.server.Request.process splits and unquotes the path
+    request = DummyRequest([unquote_to_bytes(p) for p in uri_path[1:].split(b"/")])
+    return getChildForRequest(root, request), request.postpath
+
+
+def _old_and_new_origin_paths(base: bytes, uri_path: bytes, mount: bytes | None) -> list[bytes]:
+    """The origin path the walked children build and the one ``origin_path`` builds."""
+    from twisted.web.test.requesthelper import DummyRequest
+
+    paths = []
+    for cls in (_WalkedProxy, EdgeProxyResource):
+        proxy = cls(LOCAL, 80, base, reactor, pool=OriginPool(reactor, "http", LOCAL, 80))
+        root: Resource = proxy
+        if mount is not None:
+            root = Resource()
+            root.putChild(mount, proxy)
+        found, postpath = _resource_and_postpath(root, uri_path)
+        assert isinstance(found, EdgeProxyResource)
+        if cls is _WalkedProxy:
+            assert postpath == []
+            paths.append(found.path)
+        else:
+            assert found is proxy
+            paths.append(proxy.origin_path(DummyRequest(postpath)))
+    return paths
+
+
+_path_segments = st.lists(
+    st.one_of(
+        st.just(b""),  # "//" and a trailing "/"
+        st.binary(max_size=6).map(lambda b: b.replace(b"/", b"").replace(b"?", b"")),
+        st.sampled_from([b"%2F", b"%2f", b"a%2Fb", b"%25", b"%", b"%zz", b"%00", b"%C3%A9", b"~"]),
+    ),
+    min_size=1,
+    max_size=6,
+).map(lambda segments: b"/" + b"/".join(segments))
+
+
+@settings(max_examples=500, deadline=None)
+@given(uri_path=_path_segments, base=st.sampled_from([b"", b"/base"]))
+def test_origin_path_is_the_path_the_children_built(uri_path: bytes, base: bytes) -> None:
+    """For any request path the leaf builds the origin path the chain of getChild calls built."""
+    old, new = _old_and_new_origin_paths(base, uri_path, None)
+    assert new == old
+
+
+@pytest.mark.parametrize("uri_path", [b"/app", b"/app/", b"/app//x/", b"/app/a%2Fb"])
+@pytest.mark.parametrize("base", [b"", b"/base"])
+def test_origin_path_when_mounted_with_put_child(uri_path: bytes, base: bytes) -> None:
+    """Mounted under another resource; ``/app`` leaves an empty postpath: ``self.path`` alone."""
+    old, new = _old_and_new_origin_paths(base, uri_path, b"app")
+    assert new == old
+    if uri_path == b"/app":
+        assert new == base
+
+
+@pytest_twisted.ensureDeferred
+async def test_escaped_slashes_and_empty_segments_reach_the_origin_unchanged(net: Net) -> None:
+    """``/a%2Fb//c/?q=1`` is sent to the origin as the children sent it: the same target."""
+    origin, origin_port = await net.raw_origin(lambda proto, request, n: proto.send(ok()))
+    _, url = await net.edge(origin_port)
+    client = await net.raw_client(url)
+    assert client.transport is not None
+    client.transport.write(b"GET /a%2Fb//c/?q=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await wait_until(lambda: client.data.endswith(b"ok"))
+    assert client.data.startswith(b"HTTP/1.1 200 OK")
+    (request,) = origin.requests
+    assert request.split(b"\r\n", 1)[0] == b"GET /a%2Fb//c/?q=1 HTTP/1.1"

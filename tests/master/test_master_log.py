@@ -470,6 +470,56 @@ async def test_concurrent_appends_are_group_committed(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_next_group_commit_starts_before_this_group_is_answered(tmp_path: Path) -> None:
+    """Appends queued during a commit go to the database before the committed callers hear back.
+
+    Each caller still fires only after its own commit, with its own record; close() waits for the
+    group in flight and for the one being answered.
+    """
+    event_log = await opened(tmp_path / "log.sqlite3", CountingLog)
+    seen: list[LogRecord] = []
+    event_log.add_listener(seen.extend)
+    when_answered: list[tuple[int, list[int], int]] = []
+
+    def answered(record: LogRecord) -> LogRecord:
+        when_answered.append((record.seq, list(event_log.batches), event_log.tail))
+        return record
+
+    try:
+        first = event_log.append_record(ban_draft(1)).addCallback(answered)
+        queued = [event_log.append_record(ban_draft(i)).addCallback(answered) for i in (2, 3)]
+        assert event_log.batches == [1], "the first append starts a commit, the others wait"
+        records = await DeferredList([first, *queued], fireOnOneErrback=True, consumeErrors=True)
+        # When the first caller heard back, the second group (2 appends) was already started
+        # and the first one was not yet in the tail of the second.
+        assert when_answered[0] == (1, [1, 2], 1)
+        assert [seq for seq, _, _ in when_answered] == [1, 2, 3]
+        assert [r.seq for _, r in records] == [1, 2, 3]
+        assert [r.event.seq for _, r in records] == [1, 2, 3]
+        assert all(json.loads(r.json)["seq"] == r.seq for _, r in records)
+        more = event_log.append_record(ban_draft(4))
+        closing = event_log.close()
+        assert (await more).seq == 4
+        await closing
+    finally:
+        await event_log.close()
+    assert [r.seq for r in seen] == [1, 2, 3, 4], "listeners saw every commit in order"
+
+
+@pytest_twisted.ensureDeferred
+async def test_append_fires_with_the_event_of_its_record(tmp_path: Path) -> None:
+    """append() is append_record() without the JSON text: the committed event, seq assigned."""
+    event_log = await opened(tmp_path / "log.sqlite3")
+    try:
+        event = await event_log.append(ban_draft(1))
+        record = await event_log.append_record(ban_draft(2))
+        assert event.seq == 1 and record.seq == 2 and record.event.seq == 2
+        assert [r.json for r in await event_log.read(0, 10)][1] == record.json
+    finally:
+        await event_log.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_refused_unban_in_a_group_commit_takes_no_seq(tmp_path: Path) -> None:
     """In one group, a refused unban errbacks with not_banned while its neighbours commit."""
     event_log = await opened(tmp_path / "log.sqlite3", CountingLog)

@@ -6,8 +6,7 @@ import gc
 import gzip
 import json
 import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,28 +17,31 @@ from support import (
     EDGE_TOKEN,
     OPERATOR_TOKEN,
     READER_TOKEN,
+    STREAM,
     Client,
+    RawStream,
     Reply,
-    RunningMaster,
     SSEReader,
+    assert_no_errors_logged,
     auth,
+    captured_log,
+    connect_raw,
+    counter,
     data_events,
+    gauge,
+    open_live_sse,
+    post_bans,
+    sse_request,
     start_master,
 )
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
-from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
-from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
-from zope.interface import provider
 
 from edgeauth.wire.offsets import current_cursor, format_offset
 from edgeauth.wire.sse import SSEComment, SSERetry
 
-STREAM = "/v1/stream/events"
 CATCH_UP_CACHE = "max-age=60, stale-while-revalidate=300"
 
 
@@ -48,16 +50,6 @@ CATCH_UP_CACHE = "max-age=60, stale-while-revalidate=300"
 
 def off(seq: int) -> str:
     return format_offset(seq)
-
-
-async def post_bans(client: Client, count: int, first: int = 1) -> list[dict[str, Any]]:
-    """Post ``count`` bans one after the other; return their events."""
-    events = []
-    for i in range(first, first + count):
-        reply = await client.post("/ban/ip", {"ip": f"198.51.100.{i}", "reason": f"r{i}"})
-        assert reply.code == 201, reply.body
-        events.append(reply.json()["event"])
-    return events
 
 
 async def raw_get(
@@ -83,19 +75,6 @@ async def wait_until(condition: Callable[[], bool], what: str, timeout: float = 
         await deferLater(reactor, 0.01, lambda: None)
 
 
-def gauge(master: RunningMaster, kind: str = "sse") -> float:
-    value = master.service.metrics.registry.get_sample_value(
-        "edgeauth_master_subscribers", {"kind": kind}
-    )
-    assert value is not None
-    return float(value)
-
-
-def counter(master: RunningMaster, name: str) -> float:
-    value = master.service.metrics.registry.get_sample_value(name)
-    return 0.0 if value is None else float(value)
-
-
 async def scrape(client: Client, name: str, **labels: str) -> float:
     """Read one sample from ``GET /metrics`` (operator token)."""
     reply = await client.get("/metrics")
@@ -118,76 +97,6 @@ def assert_error(reply: Reply, status: int, code: str) -> dict[str, Any]:
     assert doc["error"] == code
     assert isinstance(doc["detail"], str) and doc["detail"]
     return dict(doc)
-
-
-@contextmanager
-def captured_log() -> Iterator[list[LogEvent]]:
-    """Collect every Twisted log event emitted inside the block."""
-    events: list[LogEvent] = []
-
-    @provider(ILogObserver)
-    def observe(event: LogEvent) -> None:
-        events.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    try:
-        yield events
-    finally:
-        globalLogPublisher.removeObserver(observe)
-
-
-def assert_no_errors_logged(events: list[LogEvent]) -> None:
-    """No failure, unhandled error or finish-after-disconnect warning was logged."""
-    for event in events:
-        text = formatEvent(event) or ""
-        assert "log_failure" not in event, (text, event.get("log_failure"))
-        assert "Unhandled Error" not in text, text
-        lowered = text.lower()
-        if "finish" in lowered:
-            assert "connection lost" not in lowered, text
-            assert "connection was lost" not in lowered, text
-            assert "after the request" not in lowered, text
-
-
-def sse_request(token: str, query: str = "offset=now&live=sse") -> bytes:
-    return (
-        f"GET {STREAM}?{query} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\r\n"
-    ).encode()
-
-
-class RawStream(Protocol):
-    """A bare TCP client that sends one GET and counts what comes back (or reads nothing)."""
-
-    def __init__(self, request: bytes, read: bool = True) -> None:
-        self.request = request
-        self.read = read
-        self.received = bytearray()
-        self.first_data: Deferred[None] = Deferred()
-        self.lost: Deferred[None] = Deferred()
-        self.keep = read  # the 1,000-connection test keeps no bytes, only a count
-        self.count = 0
-
-    def connectionMade(self) -> None:
-        self.transport.write(self.request)
-        if not self.read:
-            self.transport.pauseProducing()  # never read: the kernel buffers fill up
-
-    def dataReceived(self, data: bytes) -> None:
-        self.count += len(data)
-        if self.keep:
-            self.received += data
-        if not self.first_data.called:
-            self.first_data.callback(None)
-
-    def connectionLost(self, reason: Failure | None = None) -> None:
-        if not self.lost.called:
-            self.lost.callback(None)
-
-
-async def connect_raw(master: RunningMaster, protocol: RawStream) -> RawStream:
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", master.port)
-    await connectProtocol(endpoint, protocol)
-    return protocol
 
 
 def rss_kib() -> int:
@@ -649,9 +558,7 @@ async def test_sse_pings_during_silence(tmp_path: Path) -> None:
     reader: SSEReader | None = None
     try:
         started = reactor.seconds()
-        reader = await SSEReader.open(
-            client.agent, f"{master.url}{STREAM}?offset=now&live=sse", auth(EDGE_TOKEN)
-        )
+        reader = await open_live_sse(client)
         await reader.wait_for(lambda r: r.items.count(SSEComment("ping")) >= 2, timeout=3)
         assert reactor.seconds() - started >= 0.39  # two full intervals of silence
         assert not reader.ended
@@ -674,9 +581,7 @@ async def test_sse_cycling_ends_the_response_and_connection(tmp_path: Path) -> N
             before = await scrape(client, "edgeauth_master_sse_cycled_total")
             assert before == 0
             started = reactor.seconds()
-            reader = await SSEReader.open(
-                client.agent, f"{master.url}{STREAM}?offset=now&live=sse", auth(EDGE_TOKEN)
-            )
+            reader = await open_live_sse(client)
             raw = await connect_raw(master, RawStream(sse_request(EDGE_TOKEN)))
             await reader.wait_for(lambda r: r.ended, timeout=3)
             assert reader.ended
@@ -708,9 +613,7 @@ async def test_quiet_sse_survives_http_idle_timeout(tmp_path: Path) -> None:
         idle = await connect_raw(master, RawStream(b""))
         await idle.lost.addTimeout(3, reactor)
 
-        reader = await SSEReader.open(
-            client.agent, f"{master.url}{STREAM}?offset=now&live=sse", auth(EDGE_TOKEN)
-        )
+        reader = await open_live_sse(client)
         await reader.wait_for(lambda r: len(controls(r)) == 1)
         received = len(reader.raw)
         await deferLater(reactor, 0.8, lambda: None)
@@ -738,9 +641,7 @@ async def test_slow_consumer_is_disconnected(tmp_path: Path) -> None:
     reader: SSEReader | None = None
     slow: RawStream | None = None
     try:
-        reader = await SSEReader.open(
-            client.agent, f"{master.url}{STREAM}?offset=now&live=sse", auth(EDGE_TOKEN)
-        )
+        reader = await open_live_sse(client)
         await reader.wait_for(lambda r: len(controls(r)) == 1)
         slow = await connect_raw(master, RawStream(sse_request(EDGE_TOKEN), read=False))
         await wait_until(
@@ -761,6 +662,8 @@ async def test_slow_consumer_is_disconnected(tmp_path: Path) -> None:
             assert reply.code == 201, reply.body
             posted += 1
             sent_bytes += 250_000
+        # its chunks went through the fan-out's direct send until its socket filled up
+        assert master.service.fanout.partial_sends >= 1
         # a few more after the drop: the master carries on as usual
         for _ in range(3):
             reply = await client.post("/invalidate", {"keys": keys, "tags": [f"t{posted}"]})
@@ -827,9 +730,7 @@ async def test_thousand_abrupt_drops_leave_nothing_behind(tmp_path: Path) -> Non
                 "edgeauth_master_slow_consumers_disconnected_total"
             ) in (None, 0.0)
 
-            reader = await SSEReader.open(
-                client.agent, f"{master.url}{STREAM}?offset=now&live=sse", auth(EDGE_TOKEN)
-            )
+            reader = await open_live_sse(client)
             await reader.wait_for(lambda r: len(controls(r)) == 1)
             ban = await client.post("/ban/ip", {"ip": "192.0.2.77", "reason": "after drops"})
             assert ban.code == 201

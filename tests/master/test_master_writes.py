@@ -7,13 +7,23 @@ errors, a client that leaves before the commit; then ``[master] access_log``.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
-from support import Client, master_settings, start_master, wait_until
-from test_master_stream import assert_no_errors_logged, captured_log
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from support import (
+    Client,
+    assert_no_errors_logged,
+    captured_log,
+    master_settings,
+    start_master,
+    wait_until,
+)
+from test_events import any_event
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -22,8 +32,14 @@ from twisted.internet.task import deferLater
 from twisted.logger import formatEvent
 
 from edgeauth.config import ConfigError
-from edgeauth.events import Event
+from edgeauth.events import (
+    Event,
+    encode_event,
+    event_to_dict,
+)
 from edgeauth.master import writes
+from edgeauth.master.answers import json_answer
+from edgeauth.master.log import LogRecord
 from edgeauth.master.writes import WRITES
 
 BAN = {"ip": "192.0.2.1", "reason": "writes test"}
@@ -167,15 +183,15 @@ async def test_client_gone_before_the_commit_still_gets_its_audit_line(tmp_path:
     """A write whose client left before the commit is committed, counted and logged once."""
     master = await start_master(tmp_path)
     event_log = master.service.log
-    real_append = event_log.append
-    held: list[tuple[Deferred[Event], Deferred[Event]]] = []
+    real_append = event_log.append_record  # what the write resources call
+    held: list[tuple[Deferred[LogRecord], Deferred[LogRecord]]] = []
 
-    def append(event: Event) -> Deferred[Event]:
-        answer: Deferred[Event] = Deferred()
+    def append(event: Event) -> Deferred[LogRecord]:
+        answer: Deferred[LogRecord] = Deferred()
         held.append((real_append(event), answer))
         return answer
 
-    event_log.append = append  # type: ignore[method-assign]
+    event_log.append_record = append  # type: ignore[method-assign]
     request = raw_request("POST", "/ban/ip", b'{"ip": "192.0.2.77", "reason": "gone"}')
     try:
         with captured_log() as logged:
@@ -197,6 +213,53 @@ async def test_client_gone_before_the_commit_still_gets_its_audit_line(tmp_path:
         await master.stop()
 
 
+# --- the 201 answer and the audit line's summary, built without a second encoding -------------
+
+
+def _summary_of_dict(doc: dict[str, Any]) -> str:
+    """The summary as it was built before: from the event's JSON object."""
+    for key in ("ip", "jti", "sub"):
+        if key in doc:
+            return f"{key}={doc[key]}"
+    return ",".join(
+        f"{key}={doc[key]}" for key in ("tags", "keys", "prefixes", "all") if doc.get(key)
+    )
+
+
+class _Answer:
+    """Collects what json_answer sets on a request."""
+
+    def __init__(self) -> None:
+        self.code = 0
+        self.headers: dict[bytes, bytes] = {}
+
+    def setResponseCode(self, code: int) -> None:  # noqa: N802 - the IRequest name
+        self.code = code
+
+    def setHeader(self, name: bytes, value: bytes) -> None:  # noqa: N802 - the IRequest name
+        self.headers[name] = value
+
+
+@settings(max_examples=500)
+@given(any_event)
+def test_answer_and_summary_match_those_built_from_the_json_object(event: Event) -> None:
+    """201 body, headers and audit summary are those the event's JSON object gave before."""
+    record = LogRecord(event.seq, encode_event(event), event)
+    doc = event_to_dict(event)
+    before, after = _Answer(), _Answer()
+    expected = json_answer(before, 201, {"event": doc, "offset": f"{event.seq:016d}"})
+    assert writes.encoded_json_answer(after, 201, writes._answer_body(record)) == expected
+    assert (after.code, after.headers) == (before.code, before.headers)
+    assert writes._summary(event) == _summary_of_dict(doc)
+
+
+@settings(max_examples=1000)
+@given(st.one_of(st.binary(max_size=8), st.binary(max_size=7).map(lambda b: b"{" + b)))
+def test_body_encoding_is_that_json_detects(raw: bytes) -> None:
+    """The shortcut for bodies that open with "{" picks what json.detect_encoding picks."""
+    assert writes._encoding_of(raw) == json.detect_encoding(raw)
+
+
 # --- [master] access_log -------------------------------------------------------------------------
 
 
@@ -210,25 +273,14 @@ async def post_and_read(master: Any, count: int = 1) -> None:
         await client.close()
 
 
+@pytest.mark.parametrize("configured", [{}, {"access_log": "off"}], ids=["default", "off"])
 @pytest_twisted.ensureDeferred
-async def test_access_log_twistd_by_default(tmp_path: Path) -> None:
-    """By default each request is a line in the process log, as twisted.web's Site writes it."""
-    assert master_settings(tmp_path).master.access_log == "twistd"
-    master = await start_master(tmp_path)
-    try:
-        with captured_log() as logged:
-            await post_and_read(master)
-        lines = messages(logged)
-        assert any(ACCESS_LINE in m for m in lines), lines
-        assert any('"GET /status HTTP/1.1" 200' in m for m in lines), lines
-    finally:
-        await master.stop()
-
-
-@pytest_twisted.ensureDeferred
-async def test_access_log_off_keeps_the_audit_line(tmp_path: Path) -> None:
-    """access_log = off: no access lines anywhere, the audit line of each write remains."""
-    master = await start_master(tmp_path, access_log="off")
+async def test_access_log_off_keeps_the_audit_line(
+    tmp_path: Path, configured: dict[str, str]
+) -> None:
+    """off, the default as on the edge: no access lines anywhere; each write's audit line stays."""
+    assert master_settings(tmp_path, **configured).master.access_log == "off"
+    master = await start_master(tmp_path, **configured)
     try:
         with captured_log() as logged:
             await post_and_read(master)
@@ -238,6 +290,20 @@ async def test_access_log_off_keeps_the_audit_line(tmp_path: Path) -> None:
     finally:
         await master.stop()
     assert sorted(p.name for p in tmp_path.iterdir() if "access" in p.name) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_access_log_twistd(tmp_path: Path) -> None:
+    """access_log = twistd: each request is a line in the process log, as twisted.web writes it."""
+    master = await start_master(tmp_path, access_log="twistd")
+    try:
+        with captured_log() as logged:
+            await post_and_read(master)
+        lines = messages(logged)
+        assert any(ACCESS_LINE in m for m in lines), lines
+        assert any('"GET /status HTTP/1.1" 200' in m for m in lines), lines
+    finally:
+        await master.stop()
 
 
 @pytest_twisted.ensureDeferred
