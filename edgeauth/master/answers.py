@@ -80,12 +80,24 @@ def authenticate(
 ) -> Principal:
     """Return the principal of ``request`` if its role is one of ``roles``.
 
+    A refusal is also logged through the authority's ``refusals`` (a ``RefusalLog``), if any.
+
     Raises:
         HTTPError: 401 or 403, as :meth:`TokenAuthority.check_request` decides.
     """
     try:
         return authority.check_request(request, roles, allow_session=allow_session)
     except AuthError as exc:
+        refusals = authority.refusals
+        if refusals is not None:
+            peer = request.getClientAddress()
+            refusals.refused(
+                request.method,
+                request.uri,
+                str(getattr(peer, "host", "-")),
+                exc.status,
+                exc.code,
+            )
         raise HTTPError(exc.status, exc.code, exc.detail) from None
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
 from edgeauth.config import TokenEntry
 
@@ -73,6 +74,50 @@ class AuthError(Exception):
 
 def _unauthorized(detail: str) -> AuthError:
     return AuthError(401, "unauthorized", detail)
+
+
+class RefusalLog:
+    """Logs refused requests (401/403) of the operator API and the stream, without flooding.
+
+    With the access log off (the master's default) these lines are the only trace of a wrong or
+    missing token. Up to ``burst`` lines are written per second of ``clock``; the refusals past
+    that are counted and reported in one line when the next second's first refusal comes. A line
+    names the method, the path without its query, the peer address, the status and the error
+    code: never a header, a token or a cookie.
+    """
+
+    def __init__(self, clock: IReactorTime, burst: int = 10) -> None:
+        """Log through ``clock``'s seconds, at most ``burst`` lines a second."""
+        self.clock = clock
+        self.burst = burst
+        self._second = -1
+        self._logged = 0
+        self._left_out = 0
+        self._log = Logger(namespace="edgeauth.master.auth")
+
+    def refused(self, method: bytes, path: bytes, peer: str, status: int, code: str) -> None:
+        """Record one refusal."""
+        second = int(self.clock.seconds())
+        if second != self._second:
+            if self._left_out:
+                self._log.warn(
+                    "{count} more refused requests not logged (more than {burst} a second)",
+                    count=self._left_out,
+                    burst=self.burst,
+                )
+            self._second, self._logged, self._left_out = second, 0, 0
+        if self._logged >= self.burst:
+            self._left_out += 1
+            return
+        self._logged += 1
+        self._log.warn(
+            "refused {method} {path} from {peer}: {status} {code}",
+            method=method.decode("latin-1"),
+            path=path.split(b"?", 1)[0].decode("latin-1")[:200],
+            peer=peer,
+            status=status,
+            code=code,
+        )
 
 
 class SessionStore:
@@ -141,6 +186,7 @@ class TokenAuthority:
         *,
         client_roles: Sequence[tuple[str, str]] = (),
         sessions: SessionStore | None = None,
+        refusals: RefusalLog | None = None,
     ) -> None:
         """Keep the digests of ``tokens`` (normally ``Settings.tokens``).
 
@@ -148,6 +194,8 @@ class TokenAuthority:
             tokens: the configured tokens.
             client_roles: ``(common name, role)`` pairs (``[master] tls_client_roles``).
             sessions: the dashboard sessions, if the dashboard is served.
+            refusals: where refused requests are logged, if anywhere (reported by
+                :func:`edgeauth.master.answers.authenticate`).
         """
         # Principals are immutable: one per token, built once (attrs' frozen __init__ costs
         # about as much as the hash of the presented token).
@@ -156,6 +204,7 @@ class TokenAuthority:
         )
         self.client_roles: Mapping[str, str] = dict(client_roles)
         self.sessions = sessions
+        self.refusals = refusals
 
     def authenticate(self, authorization: bytes | str | None) -> Principal:
         """Return the principal whose token the header carries.

@@ -24,7 +24,7 @@ from edgeauth import logs, tls
 from edgeauth.accesslog import AccessLogSite, make_access_log
 from edgeauth.config import COMMAND_LINE, ConfigError, Settings, database_error, load_settings
 from edgeauth.master.api import MasterRoot, OperatorAPI
-from edgeauth.master.auth import SessionStore, TokenAuthority
+from edgeauth.master.auth import RefusalLog, SessionStore, TokenAuthority
 from edgeauth.master.fanout import Fanout
 from edgeauth.master.log import IEventLog, SqliteEventLog
 from edgeauth.master.metrics import MasterMetrics
@@ -147,6 +147,7 @@ class MasterService(AsyncStartService):
             self.settings.tokens,
             client_roles=master.tls_client_roles,
             sessions=SessionStore(self.reactor),
+            refusals=RefusalLog(self.reactor),
         )
         ctx = StreamContext(
             self.log,
