@@ -602,7 +602,7 @@ def purge(args: argparse.Namespace) -> None:
     from edgeauth.edge.cache import EdgeCache
     from edgeauth.edge.cache.policy import NO_RULES, Selector, group_headers
     from edgeauth.edge.cache.store import Entry
-    from edgeauth.edge.origin import OriginPool
+    from edgeauth.edge.origin_pool import OriginPool
     from edgeauth.edge.proxy import EdgeProxyResource
     from edgeauth.edge.ttl import TTLPipeline
 

@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 
-from edgeauth.edge import proxy
+from edgeauth.edge import answers
 from edgeauth.edge.clientip import TrustedProxies, client_ip
 from edgeauth.edge.gate import Gate, Refusal
 from edgeauth.edge.metrics import EdgeMetrics
@@ -57,7 +57,7 @@ class RequestGuard:
         self.clock = clock
         self.fail_mode = fail_mode
         self.share_ban = share_ban
-        self._last_refusal: proxy.Refusal | None = None
+        self._last_refusal: answers.Refusal | None = None
 
     def client_ip(self, request: IRequest) -> str:
         """Return (and remember on the request) the client address of ``request``."""
@@ -103,13 +103,13 @@ class RequestGuard:
             metrics.refusals.inc(refusal.ban.source)
         return refusal
 
-    def gate_hook(self, request: Request) -> proxy.Refusal | None:
+    def gate_hook(self, request: Request) -> answers.Refusal | None:
         """The proxy's gate hook (``EdgeProxyResource(gate=...)``): :meth:`check` for the proxy.
 
         Returns:
-            None to proxy, or the gate's refusal as :class:`edgeauth.edge.proxy.Refusal`: its
+            None to proxy, or the gate's refusal as :class:`edgeauth.edge.answers.Refusal`: its
             body is already encoded JSON and its headers name ``Content-Type`` and
-            ``Cache-Control`` (so :func:`edgeauth.edge.proxy.write_json` does not set them
+            ``Cache-Control`` (so :func:`edgeauth.edge.answers.write_json` does not set them
             again); both pass through unchanged.
         """
         refusal = self.check(request)
@@ -124,7 +124,9 @@ class RequestGuard:
             or last.status != refusal.status
             or last.headers != refusal.headers
         ):
-            last = self._last_refusal = proxy.Refusal(refusal.status, refusal.body, refusal.headers)
+            last = self._last_refusal = answers.Refusal(
+                refusal.status, refusal.body, refusal.headers
+            )
         return last
 
     def on_response(self, request: IRequest, status: int) -> None:

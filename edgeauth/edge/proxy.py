@@ -1,19 +1,21 @@
 """The edge's reverse proxy resource: gate, cache seam, then the origin over pooled connections.
 
 ARCHITECTURE.md decision 5: :class:`EdgeProxyResource` keeps the shape of Twisted's
-``ReverseProxyResource`` (``host``, ``port``, ``path``, ``getChild``) but sends origin requests
-through :class:`edgeauth.edge.origin.OriginPool` instead of one HTTP/1.0 connection per request.
+``ReverseProxyResource`` (``host``, ``port``, ``path``, ``getChild``) but sends origin
+requests through :class:`edgeauth.edge.origin_pool.OriginPool` instead of one HTTP/1.0
+connection per request.
 
 Per request, :meth:`EdgeProxyResource.render`:
 
 1. refuses upgrades (an ``Upgrade`` other than ``h2c``, or ``CONNECT``) with 501
    ``upgrade_not_supported``: tunnelling is not implemented, and passing an upgrade on as a
    plain request would be wrong (an ``h2c`` offer is optional and is simply not taken up);
-2. asks the ``gate`` hook; a :class:`Refusal` is written and the origin never sees the request;
+2. asks the ``gate`` hook; a :class:`edgeauth.edge.answers.Refusal` is written and the origin
+   never sees the request;
 3. offers the request to the ``cache`` seam (:class:`ResponseCache`);
-4. forwards it: hop-by-hop headers stripped both ways, repeated headers kept, ``Host`` set to the
-   origin (unless ``preserve_host``), ``X-Forwarded-For``/``Forwarded``/``X-Forwarded-Proto``
-   rebuilt (incoming values kept only when the peer is a trusted proxy), ``Via`` appended.
+4. forwards it with the headers :func:`edgeauth.edge.forwarding.origin_request_headers` builds
+   (which ones are dropped, rebuilt and added is told there); hop-by-hop headers are stripped
+   from the response too and ``Via`` appended.
 
 The response streams back as it arrives. The origin call is registered as a push producer on the
 client request, so a slow client pauses reading from the origin. Request bodies go to the origin
@@ -22,20 +24,19 @@ is forwarded while it arrives and a slow origin pauses reading the client; a sho
 body without :class:`EdgeRequest`) is read whole by Twisted first and then sent from its spool,
 paced by the origin socket, and stays replayable for a retry. A client that goes away cancels the
 origin call (the connection is aborted, never pooled). Errors become JSON 502/504 with
-``Cache-Control: no-store`` while no byte of the response was sent; after that, the client
-connection is aborted so a truncated body never looks complete.
+``Cache-Control: no-store`` (:func:`edgeauth.edge.answers.write_json`) while no byte of the
+response was sent; after that, the client connection is aborted so a truncated body never looks
+complete.
 """
 
 from __future__ import annotations
 
-import json
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence, Set
+from collections.abc import Callable, Iterable
 from typing import IO, Any, ClassVar, Protocol
 from urllib.parse import quote, unquote_to_bytes
 
 import attrs
-from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -46,7 +47,19 @@ from twisted.web.server import version as server_version
 from typing_extensions import override
 from zope.interface import implementer
 
-from edgeauth.edge.origin import BodyStream, OriginCall, OriginError, OriginPool, OriginRequest
+from edgeauth.edge.answers import Refusal, write_json
+from edgeauth.edge.forwarding import (
+    HOP_BY_HOP,
+    VIA,
+    header_tokens,
+    origin_request_headers,
+    peer_ip,
+    trust_nobody,
+)
+from edgeauth.edge.origin import OriginCall, OriginRequest
+from edgeauth.edge.origin_body import BodyStream
+from edgeauth.edge.origin_errors import OriginError
+from edgeauth.edge.origin_pool import OriginPool
 
 with warnings.catch_warnings():
     # twisted.web.proxy imports the deprecated HTTPClient for the stock ProxyClient we replace.
@@ -54,54 +67,17 @@ with warnings.catch_warnings():
     from twisted.web.proxy import ReverseProxyResource
 
 __all__ = [
-    "HOP_BY_HOP",
     "BodySink",
     "EdgeProxyResource",
     "EdgeRequest",
     "Gate",
     "OnResponse",
-    "Refusal",
     "ResponseCache",
-    "forwarded_node",
-    "origin_request_headers",
-    "trust_nobody",
-    "write_json",
 ]
 
 _log = Logger()
 
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
-"""Headers that concern one connection only (RFC 9110 section 7.6.1), never forwarded."""
-
-_VIA = b"1.1 edgeauth"
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
-
-
-@attrs.frozen
-class Refusal:
-    """An answer the gate gives instead of proxying.
-
-    Attributes:
-        status: the HTTP status, e.g. 403.
-        body: the JSON body, e.g. ``{"error": "ip_banned", "ref": 42}``, or its encoded bytes.
-        headers: extra response headers, e.g. ``WWW-Authenticate``.
-    """
-
-    status: int
-    body: Mapping[str, Any] | bytes
-    headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 Gate = Callable[[Request], "Refusal | None"]
@@ -154,233 +130,6 @@ class ResponseCache(Protocol):
         """
 
 
-def trust_nobody(peer_ip: str) -> bool:
-    """The default ``is_trusted``: no peer is a trusted proxy."""
-    return False
-
-
-def forwarded_node(ip: str | None) -> bytes:
-    """Return an RFC 7239 node for ``ip``: bare IPv4, quoted and bracketed IPv6, ``unknown``."""
-    if ip is None:
-        return b"unknown"
-    if ":" in ip:
-        return b'"[' + ip.encode("ascii") + b']"'
-    return ip.encode("ascii")
-
-
-_TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-
-
-def _forwarded_value(value: bytes) -> bytes:
-    """Return ``value`` as an RFC 7239 token if it is one, else as a quoted string."""
-    if value and not value.translate(None, _TCHAR):
-        return value
-    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
-
-
-_IP_ADDRESS_TYPES = (IPv4Address, IPv6Address)
-
-
-def _peer_ip(request: Request) -> str | None:
-    address = request.getClientAddress()
-    if isinstance(address, _IP_ADDRESS_TYPES):
-        host = address.host
-        if host.startswith("::ffff:") and "." in host:
-            return host[7:]
-        return host
-    return None
-
-
-def _tokens(values: Iterable[bytes]) -> set[bytes]:
-    return {t.strip().lower() for v in values for t in v.split(b",")} - {b""}
-
-
-# One-value Connection headers (keep-alive, close, ...) repeat: their token sets are kept.
-_CONNECTION_TOKENS: dict[bytes, frozenset[bytes]] = {}
-_CONNECTION_TOKENS_MAX = 256
-
-
-def _connection_tokens(values: Sequence[bytes]) -> Set[bytes]:
-    if len(values) != 1:
-        return _tokens(values)
-    value = values[0]
-    tokens = _CONNECTION_TOKENS.get(value)
-    if tokens is None:
-        tokens = frozenset(_tokens(values))
-        if len(_CONNECTION_TOKENS) < _CONNECTION_TOKENS_MAX:
-            _CONNECTION_TOKENS[value] = tokens
-    return tokens
-
-
-# What origin_request_headers does with each request header, by lower-cased name (one lookup per
-# header instead of a chain of comparisons); any other name is passed on.
-_PASS, _DROP, _FRAMING, _HOST, _LENGTH, _XFF, _FORWARDED, _VIA_IN, _XFP = range(9)
-_REQUEST_HEADER_KINDS = {
-    **dict.fromkeys(HOP_BY_HOP, _DROP),
-    b"transfer-encoding": _FRAMING,
-    b"host": _HOST,
-    b"content-length": _LENGTH,
-    b"x-forwarded-for": _XFF,
-    b"forwarded": _FORWARDED,
-    b"via": _VIA_IN,
-    b"x-forwarded-proto": _XFP,
-    b"expect": _DROP,  # Twisted answers 100-continue itself
-}
-
-# peer address -> (its bytes, its RFC 7239 node); peers are few and repeat (keep-alive).
-_PEER_FORMS: dict[str, tuple[bytes, bytes]] = {}
-_PEER_FORMS_MAX = 4096
-
-
-def _peer_forms(peer: str) -> tuple[bytes, bytes]:
-    forms = _PEER_FORMS.get(peer)
-    if forms is None:
-        forms = (peer.encode("ascii"), forwarded_node(peer))
-        if len(_PEER_FORMS) >= _PEER_FORMS_MAX:
-            _PEER_FORMS.clear()
-        _PEER_FORMS[peer] = forms
-    return forms
-
-
-def origin_request_headers(
-    headers: Headers,
-    *,
-    peer: str | None,
-    is_trusted: Callable[[str], bool],
-    proto: bytes,
-    host: bytes | None,
-    via: bytes = _VIA,
-) -> tuple[list[tuple[bytes, bytes]], bool]:
-    """Build the headers sent to the origin for a client request's ``headers``.
-
-    Args:
-        headers: the client's request headers.
-        peer: the TCP peer's address (None if not an IP peer).
-        is_trusted: whether a peer address is a trusted proxy (consulted only when the request
-            carries forwarding headers).
-        proto: ``b"http"`` or ``b"https"``, how the client reached the edge.
-        host: the ``Host`` to send, or None to keep the client's.
-        via: this hop's ``Via`` entry.
-
-    Returns:
-        The headers in order (repeats kept, hop-by-hop and framing headers dropped), and whether
-        the client request declared a body (``Content-Length`` or ``Transfer-Encoding``).
-    """
-    connection = headers.getRawHeaders(b"connection")
-    listed = _connection_tokens(connection) if connection else None
-    out: list[tuple[bytes, bytes]] = [(b"Host", host)] if host is not None else []
-    xff: list[bytes] = []
-    forwarded: list[bytes] = []
-    vias: list[bytes] = []
-    xfp: list[bytes] = []
-    client_host: bytes | None = None
-    framed = False
-    kinds = _REQUEST_HEADER_KINDS
-    for name, values in headers.getAllRawHeaders():
-        key = name.lower()
-        kind = kinds.get(key, _PASS)
-        if listed is not None and key in listed:
-            if kind == _FRAMING:
-                framed = True
-            continue
-        if kind == _PASS:
-            for value in values:
-                out.append((name, value))
-        elif kind == _HOST:
-            client_host = values[0]
-            if host is None:
-                out.insert(0, (b"Host", client_host))
-        elif kind == _FRAMING or kind == _LENGTH:
-            framed = True
-        elif kind == _XFF:
-            xff += values
-        elif kind == _FORWARDED:
-            forwarded += values
-        elif kind == _VIA_IN:
-            vias += values
-        elif kind == _XFP:
-            xfp += values
-        # else _DROP
-    if peer is None:
-        peer_bytes, node = None, b"unknown"
-    else:
-        peer_bytes, node = _peer_forms(peer)
-    trusted = peer is not None and bool(xff or forwarded or xfp) and is_trusted(peer)
-    if trusted and xff:
-        chain = b", ".join(xff)
-        out.append((b"X-Forwarded-For", chain + b", " + peer_bytes if peer_bytes else chain))
-    elif peer_bytes is not None:
-        out.append((b"X-Forwarded-For", peer_bytes))
-    element = b"for=" + node + b";proto=" + proto
-    if client_host is not None:
-        element += b";host=" + _forwarded_value(client_host)
-    if trusted and forwarded:
-        element = b", ".join(forwarded) + b", " + element
-    out.append((b"Forwarded", element))
-    out.append((b"X-Forwarded-Proto", b", ".join(xfp) if trusted and xfp else proto))
-    out.append((b"Via", b", ".join([*vias, via]) if vias else via))
-    return out, framed
-
-
-def write_json(
-    request: Request,
-    status: int,
-    body: Mapping[str, Any] | bytes,
-    headers: Iterable[tuple[bytes, bytes]] = (),
-) -> None:
-    """Answer ``request`` with a JSON body (a mapping, or JSON already encoded) and finish it.
-
-    ``Content-Type: application/json`` and ``Cache-Control: no-store`` are set unless ``headers``
-    names them; ``headers`` are added as given (repeats kept).
-    """
-    data = body if isinstance(body, bytes) else json.dumps(body, separators=(",", ":")).encode()
-    request.setResponseCode(status)
-    response = request.responseHeaders
-    extra = headers if isinstance(headers, tuple) else tuple(headers)
-    set_type, set_cache, added = _json_header_plan(extra) if extra else _NO_EXTRA_HEADERS
-    if set_type:
-        response.setRawHeaders(b"Content-Type", _JSON_TYPE)
-    if set_cache:
-        response.setRawHeaders(b"Cache-Control", _NO_STORE)
-    for name, value in added:
-        response.addRawHeader(name, value)
-    response.setRawHeaders(b"Content-Length", [b"%d" % len(data)])
-    request.write(data)
-    request.finish()
-
-
-_JSON_TYPE = (b"application/json",)
-_NO_STORE = (b"no-store",)
-_HeaderPlan = tuple[bool, bool, tuple[tuple[bytes, bytes], ...]]
-_NO_EXTRA_HEADERS: _HeaderPlan = (True, True, ())
-_HEADER_PLANS: dict[tuple[tuple[bytes, bytes], ...], _HeaderPlan] = {}
-_MAX_HEADER_PLANS = 256
-
-
-def _json_header_plan(extra: tuple[tuple[bytes, bytes], ...]) -> _HeaderPlan:
-    """What :func:`write_json` does with ``extra``: set Content-Type? Cache-Control? add what?
-
-    Refusals pass the same few header tuples again and again, so their plans are kept (up to
-    ``_MAX_HEADER_PLANS`` of them; others, and unhashable ones, are worked out each time).
-    """
-    try:
-        plan = _HEADER_PLANS.get(extra)
-    except TypeError:  # e.g. [name, value] lists
-        plan, cacheable = None, False
-    else:
-        cacheable = len(_HEADER_PLANS) < _MAX_HEADER_PLANS
-    if plan is None:
-        named = {name.lower() for name, _ in extra}
-        plan = (
-            b"content-type" not in named,
-            b"cache-control" not in named,
-            tuple((name, value) for name, value in extra if name.lower() != b"content-length"),
-        )
-        if cacheable:
-            _HEADER_PLANS[extra] = plan
-    return plan
-
-
 @attrs.define(kw_only=True)
 class _ProxyConfig:
     pool: OriginPool
@@ -427,7 +176,7 @@ class EdgeProxyResource(ReverseProxyResource):
         cache: ResponseCache | None = None,
         on_response: OnResponse | None = None,
         preserve_host: bool = False,
-        via: bytes = _VIA,
+        via: bytes = VIA,
     ) -> None:
         super().__init__(host, port, path, reactor)
         if pool is None:
@@ -483,7 +232,7 @@ class EdgeProxyResource(ReverseProxyResource):
         config = self._config
         method = request.method
         if method == b"CONNECT" or request.requestHeaders.hasHeader(b"upgrade"):
-            offered = _tokens(request.requestHeaders.getRawHeaders(b"upgrade", []))
+            offered = header_tokens(request.requestHeaders.getRawHeaders(b"upgrade", []))
             if method == b"CONNECT" or offered - {b"h2c"}:
                 write_json(
                     request,
@@ -640,7 +389,7 @@ class _ProxyExchange:
         config = self.config
         headers, framed = origin_request_headers(
             request.requestHeaders,
-            peer=_peer_ip(request),
+            peer=peer_ip(request),
             is_trusted=config.is_trusted,
             proto=b"https" if request.isSecure() else b"http",
             host=config.host,
@@ -711,7 +460,7 @@ class _ProxyExchange:
         listed: Iterable[bytes] = ()
         for name, _ in headers:
             if name == b"connection":
-                listed = _tokens(v for n, v in headers if n == b"connection")
+                listed = header_tokens(v for n, v in headers if n == b"connection")
                 break
         response = Headers()
         add = response.addRawHeader

@@ -29,7 +29,7 @@ from edgeauth.edge.clientip import TrustedProxies
 from edgeauth.edge.gate import Gate
 from edgeauth.edge.guard import RequestGuard
 from edgeauth.edge.metrics import EdgeMetrics
-from edgeauth.edge.origin import OriginPool
+from edgeauth.edge.origin_pool import OriginPool
 from edgeauth.edge.proxy import EdgeProxyResource
 from edgeauth.edge.state import EdgeState
 from edgeauth.edge.store import EdgeStore

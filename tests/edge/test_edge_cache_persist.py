@@ -14,7 +14,7 @@ from edgeauth.config import CacheSettings
 from edgeauth.edge.cache import EdgeCache
 from edgeauth.edge.cache.persist import CachePersister
 from edgeauth.edge.cache.policy import Selector
-from edgeauth.edge.origin import OriginPool
+from edgeauth.edge.origin_pool import OriginPool
 from edgeauth.edge.state import EdgeState
 from edgeauth.edge.store import EdgeStore
 from edgeauth.edge.ttl import TTLPipeline

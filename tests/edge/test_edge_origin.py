@@ -1,4 +1,4 @@
-"""Tests for edgeauth.edge.origin: the origin pool and its httptools client protocol.
+"""Tests for edgeauth.edge.origin_pool and .origin: the pool and its httptools client protocol.
 
 The pool is driven directly (no edge in front) against real origins on 127.0.0.1: a twisted.web
 ``Site`` or a raw ``Protocol`` server that misbehaves on purpose.
@@ -24,14 +24,14 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from edgeauth.edge.origin import (
+from edgeauth.edge.origin import OriginRequest
+from edgeauth.edge.origin_errors import (
     BadGatewayError,
     OriginError,
-    OriginPool,
-    OriginRequest,
     OriginTimeoutError,
     OriginUnreachableError,
 )
+from edgeauth.edge.origin_pool import OriginPool
 
 LOCAL = "127.0.0.1"
 

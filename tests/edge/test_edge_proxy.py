@@ -1,4 +1,4 @@
-"""Tests for edgeauth.edge.proxy and accesslog: the edge's reverse proxy over real sockets.
+"""Tests for edgeauth.edge.proxy, forwarding and accesslog: the reverse proxy over real sockets.
 
 Every test runs a real origin (a twisted.web ``Site``, or a raw ``Protocol`` server for edge cases)
 and a real edge on ``tcp:0:interface=127.0.0.1``, with treq on a test-owned pool or raw sockets
@@ -46,16 +46,11 @@ from edgeauth.edge.accesslog import (
     SampledAccessLog,
     make_access_log,
 )
-from edgeauth.edge.origin import OriginError, OriginPool
-from edgeauth.edge.proxy import (
-    BodySink,
-    EdgeProxyResource,
-    EdgeRequest,
-    Refusal,
-    forwarded_node,
-    origin_request_headers,
-    write_json,
-)
+from edgeauth.edge.answers import Refusal, write_json
+from edgeauth.edge.forwarding import forwarded_node, origin_request_headers
+from edgeauth.edge.origin_errors import OriginError
+from edgeauth.edge.origin_pool import OriginPool
+from edgeauth.edge.proxy import BodySink, EdgeProxyResource, EdgeRequest
 
 LOCAL = "127.0.0.1"
 
@@ -1130,7 +1125,7 @@ def _reference_origin_request_headers(
     via: bytes = b"1.1 edgeauth",
 ) -> tuple[list[tuple[bytes, bytes]], bool]:
     """origin_request_headers as first written (a chain of tests per header): the reference."""
-    from edgeauth.edge.proxy import HOP_BY_HOP, _forwarded_value
+    from edgeauth.edge.forwarding import HOP_BY_HOP, _forwarded_value
 
     def tokens(values: Any) -> set[bytes]:
         return {t.strip().lower() for v in values for t in v.split(b",")} - {b""}

@@ -22,8 +22,8 @@ from twisted.internet.testing import StringTransport
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from edgeauth.edge import answers
 from edgeauth.edge import guard as guard_module
-from edgeauth.edge import proxy
 from edgeauth.edge.clientip import TrustedProxies
 from edgeauth.edge.gate import Gate
 from edgeauth.edge.guard import NOT_SYNCED, RequestGuard
@@ -94,7 +94,7 @@ def test_gate_hook_passes_the_gates_refusal_through_and_counts_it() -> None:
     h.ban("198.51.100.0/24", seq=42, source="operator:alice")
     request = make_request()
     refusal = h.guard.gate_hook(request)
-    assert isinstance(refusal, proxy.Refusal)
+    assert isinstance(refusal, answers.Refusal)
     assert refusal.status == 403
     assert refusal.body == b'{"error":"ip_banned","ref":42}'
     assert refusal.headers == BANNED_HEADERS
@@ -225,7 +225,7 @@ def test_gate_hook_answer_is_written_as_the_gate_built_it() -> None:
     request = make_request()
     refusal = h.guard.gate_hook(request)
     assert refusal is not None
-    proxy.write_json(request, refusal.status, refusal.body, refusal.headers)
+    answers.write_json(request, refusal.status, refusal.body, refusal.headers)
     assert written(request) == (
         b"HTTP/1.1 403 Forbidden\r\n"
         b"Content-Type: application/json\r\n"
@@ -312,7 +312,7 @@ def test_write_json_writes_what_the_plain_rule_writes(
         reference_write_json(expected, status, body, given_headers())
         got = make_request()
         got.method = method
-        proxy.write_json(got, status, body, given_headers())
+        answers.write_json(got, status, body, given_headers())
         assert written(got) == written(expected)
         assert list(got.responseHeaders.getAllRawHeaders()) == list(
             expected.responseHeaders.getAllRawHeaders()
@@ -320,10 +320,10 @@ def test_write_json_writes_what_the_plain_rule_writes(
 
 
 def test_write_json_keeps_a_bounded_number_of_plans(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(proxy, "_HEADER_PLANS", {})
-    monkeypatch.setattr(proxy, "_MAX_HEADER_PLANS", 3)
+    monkeypatch.setattr(answers, "_HEADER_PLANS", {})
+    monkeypatch.setattr(answers, "_MAX_HEADER_PLANS", 3)
     for i in range(10):
         request = make_request()
-        proxy.write_json(request, 403, b"{}", ((b"X-Ref", b"%d" % i),))
+        answers.write_json(request, 403, b"{}", ((b"X-Ref", b"%d" % i),))
         assert b"X-Ref: %d\r\n" % i in written(request)
-    assert len(proxy._HEADER_PLANS) == 3
+    assert len(answers._HEADER_PLANS) == 3

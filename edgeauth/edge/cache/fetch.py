@@ -31,8 +31,9 @@ from zope.interface import implementer
 from edgeauth.edge.cache.collapse import Fill
 from edgeauth.edge.cache.policy import header_pairs, storable
 from edgeauth.edge.cache.respond import MISS, alive
-from edgeauth.edge.origin import OriginCall, OriginError, OriginRequest
-from edgeauth.edge.proxy import HOP_BY_HOP, origin_request_headers
+from edgeauth.edge.forwarding import HOP_BY_HOP, origin_request_headers
+from edgeauth.edge.origin import OriginCall, OriginRequest
+from edgeauth.edge.origin_errors import OriginError
 from edgeauth.wire.cachecontrol import format_http_date
 
 if TYPE_CHECKING:

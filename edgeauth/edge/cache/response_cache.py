@@ -45,6 +45,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
 from edgeauth.config import CacheSettings
+from edgeauth.edge.answers import write_json
 from edgeauth.edge.cache.collapse import Collapser, RefreshLimiter
 from edgeauth.edge.cache.contents import CacheContents
 from edgeauth.edge.cache.fetch import Fetch, RequestContext
@@ -61,9 +62,11 @@ from edgeauth.edge.cache.policy import (
 )
 from edgeauth.edge.cache.respond import BYPASS, HIT, MISS, STALE, X_CACHE, alive, serve_entry
 from edgeauth.edge.cache.store import Entry
+from edgeauth.edge.forwarding import trust_nobody
 from edgeauth.edge.metrics import EdgeMetrics
-from edgeauth.edge.origin import OriginError, OriginPool, OriginUnreachableError
-from edgeauth.edge.proxy import BodySink, trust_nobody, write_json
+from edgeauth.edge.origin_errors import OriginError, OriginUnreachableError
+from edgeauth.edge.origin_pool import OriginPool
+from edgeauth.edge.proxy import BodySink
 from edgeauth.edge.ttl import TTLPipeline
 from edgeauth.events import CacheInvalidated
 
