@@ -51,6 +51,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+from _common import free_ports
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 BODY = b"x" * 1024
@@ -75,19 +77,6 @@ def pin(cpus: set[int]) -> None:
     available = os.sched_getaffinity(0)
     if cpus & available:
         os.sched_setaffinity(0, cpus & available)
-
-
-def free_ports(count: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def pct(values: list[float], q: float) -> float:

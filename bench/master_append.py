@@ -33,14 +33,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from _common import server
 
 TOKEN = "bench-operator-token-0123456789abcdef"
 CONCURRENCY = (1, 8, 64)
 GOAL_64 = 4000.0
-LISTENING = re.compile(r"edgeauth master listening on IPv4Address\(.*?port=(\d+)\)")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 BASELINE_BODY = (
     b'{"event":{"seq":1,"type":"ip_banned","timestamp":1763850000.123,"ip":"10.0.0.1/32",'
@@ -237,36 +237,6 @@ def fsync_ms(directory: Path, count: int = 50) -> float:
         os.close(fd)
         path.unlink()
     return 1000 * statistics.median(times)
-
-
-@contextlib.contextmanager
-def server(argv: list[str], log_path: Path, env: dict[str, str]) -> Iterator[tuple[int, int]]:
-    """Run a server subprocess; yield (pid, port); kill it by PID on the way out."""
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 30
-        port = 0
-        while time.monotonic() < deadline and port == 0:
-            text = log_path.read_text(errors="replace")
-            found = LISTENING.search(text) or re.match(r"(\d+)\n", text)
-            if found:
-                port = int(found.group(1))
-            elif proc.poll() is not None:
-                raise SystemExit(f"server exited with {proc.returncode}:\n{text}")
-            else:
-                time.sleep(0.05)
-        if not port:
-            raise SystemExit(f"server did not start:\n{log_path.read_text()}")
-        yield proc.pid, port
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def run_load(port: int, clients: int, warmup: float, seconds: float, first: int) -> dict[str, Any]:

@@ -24,7 +24,6 @@ Modes used internally: ``--serve-baseline`` and ``--subscribe``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import http.client
 import json
 import os
@@ -37,9 +36,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from _common import server
 
 OPERATOR_TOKEN = "bench-operator-token-0123456789abcdef"
 EDGE_TOKEN = "bench-edge-token-0123456789abcdef"
@@ -47,7 +47,6 @@ SIZES = (100, 1000, 5000)
 GOALS_P99_MS = {1000: 25.0, 5000: 250.0}
 GOAL_RSS_KIB = 10.0
 WAVE = 50  # connections opened at once: Twisted's default listen backlog is 50
-LISTENING = re.compile(r"edgeauth master listening on IPv4Address\(.*?port=(\d+)\)")
 SEQ = re.compile(rb'"seq":(\d+)')
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -222,36 +221,6 @@ class Lines:
             self.pending += chunk
         line, self.pending = self.pending.split(b"\n", 1)
         return line.decode()
-
-
-@contextlib.contextmanager
-def server(argv: list[str], log_path: Path, env: dict[str, str]) -> Iterator[tuple[int, int]]:
-    """Run a server subprocess; yield (pid, port); stop it by PID on the way out."""
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 30
-        port = 0
-        while time.monotonic() < deadline and port == 0:
-            text = log_path.read_text(errors="replace")
-            found = LISTENING.search(text) or re.match(r"(\d+)\n", text)
-            if found:
-                port = int(found.group(1))
-            elif proc.poll() is not None:
-                raise SystemExit(f"server exited with {proc.returncode}:\n{text}")
-            else:
-                time.sleep(0.05)
-        if not port:
-            raise SystemExit(f"server did not start:\n{log_path.read_text()}")
-        yield proc.pid, port
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def post_ban(conn: http.client.HTTPConnection, ip: str) -> tuple[float, int]:

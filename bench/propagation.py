@@ -37,7 +37,6 @@ import json
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,6 +45,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from _common import free_ports
 
 OPERATOR_TOKEN = "bench-operator-token-0123456789abcdef"
 EDGE_TOKEN = "bench-edge-token-0123456789abcdef"
@@ -72,20 +73,6 @@ def log_observer() -> Any:
 
 
 # --- processes ------------------------------------------------------------------------------
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports free on 127.0.0.1 right now (bound together so that they differ)."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class Proc:

@@ -734,14 +734,27 @@ def cmd_revocations(ctx: Context, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_fleet(ctx: Context, args: argparse.Namespace) -> int:
-    """``fleet``: the stream readers the master knows, with their lag."""
-    doc = ctx.request("GET", "/fleet")
+def read_object(ctx: Context, path: str, endpoint: Endpoint | None = None) -> dict[str, Any] | None:
+    """GET ``path``: with ``--json`` print the answer and return None, else return the object.
+
+    Raises:
+        ServerRefusedError: without ``--json``, the answer is not a JSON object.
+    """
+    doc = ctx.request("GET", path, endpoint=endpoint)
     if ctx.json_output:
         ctx.print_json(doc)
-        return EXIT_OK
+        return None
     if not isinstance(doc, dict):
-        raise ServerRefusedError(0, "invalid_answer", "/fleet did not answer a JSON object")
+        where = path.partition("?")[0]
+        raise ServerRefusedError(0, "invalid_answer", f"{where} did not answer a JSON object")
+    return doc
+
+
+def cmd_fleet(ctx: Context, args: argparse.Namespace) -> int:
+    """``fleet``: the stream readers the master knows, with their lag."""
+    doc = read_object(ctx, "/fleet")
+    if doc is None:
+        return EXIT_OK
     ctx.print(f"log {clean(doc.get('log_id'))}, tail {_offset_seq(doc.get('tail'))}")
     members = [m for m in doc.get("subscribers") or [] if isinstance(m, dict)]
     if not members:
@@ -769,12 +782,9 @@ def cmd_fleet(ctx: Context, args: argparse.Namespace) -> int:
 
 def cmd_status(ctx: Context, args: argparse.Namespace) -> int:
     """``status``: the master's log id, tail, earliest retained offset, subscribers."""
-    doc = ctx.request("GET", "/status")
-    if ctx.json_output:
-        ctx.print_json(doc)
+    doc = read_object(ctx, "/status")
+    if doc is None:
         return EXIT_OK
-    if not isinstance(doc, dict):
-        raise ServerRefusedError(0, "invalid_answer", "/status did not answer a JSON object")
     for line in render_mapping({"master": ctx.master.url(""), **doc}):
         ctx.print(line)
     return EXIT_OK
@@ -902,12 +912,9 @@ def cmd_explain(ctx: Context, args: argparse.Namespace) -> int:
     """``explain --edge ADMIN_URL (IP | --url URL)``: ask an edge why it treats a client so."""
     edge: Endpoint = args.edge
     query = {"ip": args.ip} if args.ip is not None else {"url": args.url}
-    doc = ctx.request("GET", f"/explain?{urlencode(query)}", endpoint=edge)
-    if ctx.json_output:
-        ctx.print_json(doc)
+    doc = read_object(ctx, f"/explain?{urlencode(query)}", endpoint=edge)
+    if doc is None:
         return EXIT_OK
-    if not isinstance(doc, dict):
-        raise ServerRefusedError(0, "invalid_answer", "/explain did not answer a JSON object")
     if args.ip is not None:
         _explain_ip(ctx, doc)
     else:

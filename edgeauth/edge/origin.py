@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from edgeauth.edge.origin_pool import OriginPool
 
 __all__ = [
+    "CallRelay",
     "IDEMPOTENT_METHODS",
     "OriginCall",
     "OriginRequest",
@@ -240,6 +241,33 @@ class OriginCall:
             handler.response_finished()
         except Exception:
             _log.failure("response handler failed")
+
+
+class CallRelay:
+    """Pause and resume an :class:`OriginCall` for a client-side consumer (a mixin).
+
+    The proxy's exchange and the cache's fetch register themselves as push producers on the
+    client request that receives the origin's response: a full client socket pauses reading
+    from the origin. A pause that comes before the call exists is kept in ``paused`` and applied
+    by the subclass once it starts the call.
+    """
+
+    __slots__ = ("call", "paused")
+
+    call: OriginCall | None
+    paused: bool
+
+    def pauseProducing(self) -> None:
+        """The client's socket is full: stop reading from the origin."""
+        self.paused = True
+        if self.call is not None:
+            self.call.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        """The client's socket drained: read from the origin again."""
+        self.paused = False
+        if self.call is not None:
+            self.call.resumeProducing()
 
 
 class _StopParsingError(Exception):

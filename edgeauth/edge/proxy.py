@@ -56,7 +56,7 @@ from edgeauth.edge.forwarding import (
     peer_ip,
     trust_nobody,
 )
-from edgeauth.edge.origin import OriginCall, OriginRequest
+from edgeauth.edge.origin import CallRelay, OriginCall, OriginRequest
 from edgeauth.edge.origin_body import BodyStream
 from edgeauth.edge.origin_errors import OriginError
 from edgeauth.edge.origin_pool import OriginPool
@@ -368,10 +368,10 @@ class EdgeRequest(Request):
 
 
 @implementer(IPushProducer)
-class _ProxyExchange:
+class _ProxyExchange(CallRelay):
     """Relays one origin response to one client request (the origin call's handler)."""
 
-    __slots__ = ("config", "request", "target", "call", "gone", "sink", "paused")
+    __slots__ = ("config", "request", "target", "gone", "sink")  # and CallRelay's
 
     def __init__(self, config: _ProxyConfig, request: Request, path: bytes) -> None:
         self.config = config
@@ -421,17 +421,7 @@ class _ProxyExchange:
         if self.paused:
             self.call.pauseProducing()
 
-    # -- IPushProducer, registered on the client request ----------------------------------------
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-        if self.call is not None:
-            self.call.pauseProducing()
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        if self.call is not None:
-            self.call.resumeProducing()
+    # -- IPushProducer, registered on the client request (pause and resume: CallRelay) ---------
 
     def stopProducing(self) -> None:
         self._client_lost(None)

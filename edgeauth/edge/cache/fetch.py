@@ -32,7 +32,7 @@ from edgeauth.edge.cache.collapse import Fill
 from edgeauth.edge.cache.policy import header_pairs, storable
 from edgeauth.edge.cache.respond import MISS, alive
 from edgeauth.edge.forwarding import HOP_BY_HOP, origin_request_headers
-from edgeauth.edge.origin import OriginCall, OriginRequest
+from edgeauth.edge.origin import CallRelay, OriginCall, OriginRequest
 from edgeauth.edge.origin_errors import OriginError
 from edgeauth.wire.cachecontrol import format_http_date
 
@@ -62,7 +62,7 @@ class RequestContext:
 
 
 @implementer(IPushProducer)
-class Fetch:
+class Fetch(CallRelay):
     """One origin GET of the cache (module docstring)."""
 
     def __init__(
@@ -138,19 +138,7 @@ class Fetch:
         if self.paused and self.call is not None:
             self.call.pauseProducing()
 
-    # -- the leader: IPushProducer ---------------------------------------------------------------
-
-    def pauseProducing(self) -> None:
-        """The leader's socket is full: stop reading the origin."""
-        self.paused = True
-        if self.call is not None:
-            self.call.pauseProducing()
-
-    def resumeProducing(self) -> None:
-        """The leader's socket drained."""
-        self.paused = False
-        if self.call is not None:
-            self.call.resumeProducing()
+    # -- the leader: IPushProducer (pause and resume: CallRelay) ----------------------------------
 
     def stopProducing(self) -> None:
         """The leader went away."""

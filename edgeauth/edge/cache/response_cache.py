@@ -215,18 +215,7 @@ class EdgeCache:
         if self.collapser.join(fill_id, request, self.contents.seq):
             request.notifyFinish().addErrback(lambda _: self.collapser.leave(fill_id, request))
             return True
-        fetch = Fetch(
-            self,
-            key=key,
-            fill_id=fill_id,
-            context=self._context(request),
-            leader=request,
-            stale=entry,
-            registered=True,
-            seq=self.contents.seq,
-        )
-        fetch.start()
-        return True
+        return self._start_fetch(request, key, fill_id, entry, registered=True)
 
     def _bypass(self, request: Request, label: bytes) -> bool:
         setattr(request, _LABEL, label)
@@ -235,17 +224,23 @@ class EdgeCache:
     def _pass(self, request: Request, fill_id: str, entry: Entry | None = None) -> bool:
         """Fetch for ``request`` alone (it may store the response, but shares no wait)."""
         self._tally("miss")
-        fetch = Fetch(
+        key = fill_id.partition("\x00")[0]
+        return self._start_fetch(request, key, fill_id, entry, registered=False)
+
+    def _start_fetch(
+        self, request: Request, key: str, fill_id: str, entry: Entry | None, *, registered: bool
+    ) -> bool:
+        """Fetch from the origin for ``request`` (its leader); ``registered``: others may join."""
+        Fetch(
             self,
-            key=fill_id.partition("\x00")[0],
+            key=key,
             fill_id=fill_id,
             context=self._context(request),
             leader=request,
             stale=entry,
-            registered=False,
+            registered=registered,
             seq=self.contents.seq,
-        )
-        fetch.start()
+        ).start()
         return True
 
     def observe(self, request: Request, status: int, headers: Headers) -> BodySink | None:
