@@ -11,12 +11,32 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 from twisted.web.server import Request
 
-__all__ = ["Refusal", "write_json"]
+__all__ = ["Answer", "Refusal", "write_json"]
+
+
+class Answer(Protocol):
+    """What the proxy writes for a gate hook's refusal.
+
+    A :class:`Refusal`, or any object with these three fields: the gate's own
+    ``edgeauth.edge.gate.Refusal`` passes as it is.
+    """
+
+    @property
+    def status(self) -> int:
+        """The HTTP status."""
+
+    @property
+    def body(self) -> Mapping[str, Any] | bytes:
+        """The JSON body, or its encoded bytes."""
+
+    @property
+    def headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        """Extra response headers."""
 
 
 @attrs.frozen

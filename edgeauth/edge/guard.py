@@ -15,7 +15,6 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 
-from edgeauth.edge import answers
 from edgeauth.edge.clientip import TrustedProxies, client_ip
 from edgeauth.edge.gate import Gate, Refusal
 from edgeauth.edge.metrics import EdgeMetrics
@@ -57,7 +56,6 @@ class RequestGuard:
         self.clock = clock
         self.fail_mode = fail_mode
         self.share_ban = share_ban
-        self._last_refusal: answers.Refusal | None = None
 
     def client_ip(self, request: IRequest) -> str:
         """Return (and remember on the request) the client address of ``request``."""
@@ -103,31 +101,15 @@ class RequestGuard:
             metrics.refusals.inc(refusal.ban.source)
         return refusal
 
-    def gate_hook(self, request: Request) -> answers.Refusal | None:
-        """The proxy's gate hook (``EdgeProxyResource(gate=...)``): :meth:`check` for the proxy.
+    def gate_hook(self, request: Request) -> Refusal | None:
+        """The proxy's gate hook (``EdgeProxyResource(gate=...)``): :meth:`check`.
 
-        Returns:
-            None to proxy, or the gate's refusal as :class:`edgeauth.edge.answers.Refusal`: its
-            body is already encoded JSON and its headers name ``Content-Type`` and
-            ``Cache-Control`` (so :func:`edgeauth.edge.answers.write_json` does not set them
-            again); both pass through unchanged.
+        The gate's refusal is an :class:`edgeauth.edge.answers.Answer` as it is: its body is
+        already encoded JSON and its headers name ``Content-Type`` and ``Cache-Control`` (so
+        :func:`edgeauth.edge.answers.write_json` does not set them again), and the gate reuses
+        it while the same ban entry refuses.
         """
-        refusal = self.check(request)
-        if refusal is None:
-            return None
-        # A client refused once is usually refused again with the same answer (one ban, one
-        # body): the last answer is reused rather than built anew (it is immutable).
-        last = self._last_refusal
-        if (
-            last is None
-            or last.body != refusal.body
-            or last.status != refusal.status
-            or last.headers != refusal.headers
-        ):
-            last = self._last_refusal = answers.Refusal(
-                refusal.status, refusal.body, refusal.headers
-            )
-        return last
+        return self.check(request)
 
     def on_response(self, request: IRequest, status: int) -> None:
         """Feed an origin status to the failure pattern."""

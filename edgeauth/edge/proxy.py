@@ -10,8 +10,8 @@ Per request, :meth:`EdgeProxyResource.render`:
 1. refuses upgrades (an ``Upgrade`` other than ``h2c``, or ``CONNECT``) with 501
    ``upgrade_not_supported``: tunnelling is not implemented, and passing an upgrade on as a
    plain request would be wrong (an ``h2c`` offer is optional and is simply not taken up);
-2. asks the ``gate`` hook; a :class:`edgeauth.edge.answers.Refusal` is written and the origin
-   never sees the request;
+2. asks the ``gate`` hook; its answer (:class:`edgeauth.edge.answers.Answer`) is written and
+   the origin never sees the request;
 3. offers the request to the ``cache`` seam (:class:`ResponseCache`);
 4. forwards it with the headers :func:`edgeauth.edge.forwarding.origin_request_headers` builds
    (which ones are dropped, rebuilt and added is told there); hop-by-hop headers are stripped
@@ -47,7 +47,7 @@ from twisted.web.server import version as server_version
 from typing_extensions import override
 from zope.interface import implementer
 
-from edgeauth.edge.answers import Refusal, write_json
+from edgeauth.edge.answers import Answer, write_json
 from edgeauth.edge.forwarding import (
     HOP_BY_HOP,
     VIA,
@@ -80,8 +80,9 @@ _log = Logger()
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 
 
-Gate = Callable[[Request], "Refusal | None"]
-"""Called before proxying; a :class:`Refusal` is written and the origin never sees the request.
+Gate = Callable[[Request], "Answer | None"]
+"""Called before proxying; an :class:`~edgeauth.edge.answers.Answer` returned is written and the
+origin never sees the request.
 
 With :class:`EdgeRequest`, it is called as soon as the headers are in for a streamed upload: it
 must not read ``request.content``.
@@ -302,7 +303,7 @@ class EdgeRequest(Request):
     """
 
     stream_threshold: ClassVar[int] = 65536
-    edge_refusal: Refusal | None = None
+    edge_refusal: Answer | None = None
     body_stream: BodyStream | None = None
     _body_complete = False
     _finish_pending = False
