@@ -65,7 +65,6 @@ def _ipaddress_normal_form(text: str, field: str) -> str:
     return str(net)
 
 
-_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
 _PREFIXES: Mapping[int, Mapping[str, tuple[int, int]]] = {
     socket.AF_INET: {str(p): (p, (1 << (32 - p)) - 1) for p in range(33)},
     socket.AF_INET6: {str(p): (p, (1 << (128 - p)) - 1) for p in range(129)},
@@ -73,18 +72,18 @@ _PREFIXES: Mapping[int, Mapping[str, tuple[int, int]]] = {
 """Prefix text in its canonical decimal form -> (prefix length, host mask), per family."""
 
 
-def _fast_normal_form(text: str) -> str | None:
-    """Return the normal form of ``text`` if it is already one, else None (for :mod:`ipaddress`).
+def parse_normal_form(text: str) -> tuple[int, int, int] | None:
+    """Return ``(version, prefix length, network as int)`` if ``text`` is a network in normal form.
 
-    ``ipaddress.ip_network`` costs ~10 µs a call, and every write names an address. This accepts
-    only what ``ipaddress`` would turn into the very same text: an address or a network in the
-    canonical form ``socket.inet_ntop`` prints (IPv4 dotted quad without leading zeros, IPv6
-    compressed lower case without an embedded IPv4 part, not IPv4-mapped), with a decimal
-    prefix without leading zeros and no host bits set. Anything else (errors included) is left
-    to the :mod:`ipaddress` path, so results and errors are identical (tests/test_events.py
-    checks both paths against each other with hypothesis).
+    Normal form is what :func:`normalize_ip` returns (and what events and snapshots carry): the
+    address as ``socket.inet_ntop`` prints it (IPv4 dotted quad without leading zeros, IPv6
+    compressed lower case without an embedded IPv4 part, so never IPv4-mapped), ``/`` and a
+    decimal prefix length without leading zeros, no host bits set. Anything else gives None:
+    the caller takes the :mod:`ipaddress` path (``ipaddress.ip_network`` costs ~10 µs a call).
     """
     address, slash, prefix = text.partition("/")
+    if not slash:
+        return None
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     if family == socket.AF_INET6 and "." in address:
         return None  # embedded IPv4 forms print differently
@@ -94,14 +93,25 @@ def _fast_normal_form(text: str) -> str | None:
             return None  # not canonical (upper case, zeros, ...): ipaddress normalises it
     except (OSError, ValueError):  # ValueError: NUL or non-ASCII text
         return None
-    if family == socket.AF_INET6 and packed.startswith(_MAPPED_PREFIX):
-        return None  # IPv4-mapped: its normal form is the IPv4 one
-    if not slash:
-        return f"{address}/32" if family == socket.AF_INET else f"{address}/128"
     found = _PREFIXES[family].get(prefix)
-    if found is None or int.from_bytes(packed, "big") & found[1]:
-        return None  # a netmask, leading zeros, out of range or host bits set
-    return text
+    if found is None:
+        return None  # a netmask, leading zeros or out of range
+    value = int.from_bytes(packed, "big")
+    if value & found[1]:
+        return None  # host bits set
+    return (6 if family == socket.AF_INET6 else 4), found[0], value
+
+
+def _fast_normal_form(text: str) -> str | None:
+    """Return the normal form of ``text`` if it is already one, else None.
+
+    An address stands for its /32 or /128. None sends ``text`` down the :mod:`ipaddress` path:
+    results and errors are identical (tests/test_events.py checks both paths against each other
+    with hypothesis).
+    """
+    if "/" not in text:
+        text += "/128" if ":" in text else "/32"
+    return text if parse_normal_form(text) is not None else None
 
 
 def _text(value: object, field: str, *, allow_empty: bool = True) -> str:

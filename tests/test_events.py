@@ -169,6 +169,29 @@ def test_normalize_ip_fast_path_matches_ipaddress(text: str) -> None:
     assert fast == reference
 
 
+@settings(max_examples=3000)
+@given(_address_texts())
+def test_parse_normal_form_parses_exactly_the_normal_forms(text: str) -> None:
+    """Parsed only when ``text`` is its own normal form; then the parts are ipaddress's."""
+    parsed = events.parse_normal_form(text)
+    try:
+        normal = normalize_ip(text)
+    except EventError:
+        normal = None
+    if parsed is None:
+        assert normal != text or "/" not in text or _dotted_ipv6(text)
+        return
+    assert normal == text
+    net = ipaddress.ip_network(text)
+    assert parsed == (net.version, net.prefixlen, int(net.network_address))
+
+
+def _dotted_ipv6(text: str) -> bool:
+    """An IPv6 normal form with a dotted tail (``::0.0.0.1``): left to the ipaddress path."""
+    address = text.partition("/")[0]
+    return ":" in address and "." in address
+
+
 @settings(max_examples=1000)
 @given(st.ip_addresses())
 def test_normalize_ip_fast_path_takes_canonical_addresses(address: object) -> None:

@@ -30,6 +30,7 @@ from edgeauth.events import (
     TokenRevoked,
     UnknownEvent,
     normalize_ip,
+    parse_normal_form,
 )
 from edgeauth.replay import Entry, State, later_expiry
 
@@ -86,28 +87,16 @@ def parse_client_ip(text: str) -> tuple[int, int] | None:
 def _parse_network(text: str) -> tuple[str, int, int, int]:
     """Return ``(normal form, version, prefix length, network int)`` of an address or network.
 
-    Text already in normal form (all that events and snapshots carry) takes a fast path through
-    :func:`socket.inet_pton`; anything else goes through :func:`edgeauth.events.normalize_ip`.
+    Text already in normal form (all that events and snapshots carry) is parsed by
+    :func:`edgeauth.events.parse_normal_form`; anything else goes through
+    :func:`edgeauth.events.normalize_ip`.
 
     Raises:
         EventError: ``invalid_ip`` when ``text`` is neither an address nor a network.
     """
-    addr, sep, plen_text = text.partition("/")
-    if sep and 0 < len(plen_text) <= 3 and plen_text.isascii() and plen_text.isdigit():
-        plen = int(plen_text)
-        try:
-            if ":" in addr:
-                version, packed = 6, socket.inet_pton(socket.AF_INET6, addr)
-                canonical = "." not in addr and socket.inet_ntop(socket.AF_INET6, packed) == addr
-            else:
-                version, packed = 4, socket.inet_pton(socket.AF_INET, addr)
-                canonical = socket.inet_ntoa(packed) == addr
-        except (OSError, ValueError):
-            canonical = False
-        if canonical and plen <= _BITS[version] and str(plen) == plen_text:
-            value = int.from_bytes(packed, "big")
-            if value & _MASKS[version][plen] == value:
-                return text, version, plen, value
+    parsed = parse_normal_form(text)
+    if parsed is not None:
+        return text, parsed[0], parsed[1], parsed[2]
     key = normalize_ip(text)
     net = ipaddress.ip_network(key)
     return key, net.version, net.prefixlen, int(net.network_address)
