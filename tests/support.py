@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AsyncExitStack, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -427,6 +427,39 @@ class BoundClient(Client):
         response = await self.agent.request(method.encode("ascii"), url, raw, producer)
         content = await treq.content(response)
         return Reply(response.code, response.headers, content)
+
+
+class EdgeFleet:
+    """A master with its operator client (``ops``), edges by name, and a test's clients.
+
+    What the integration fleets share; everything is closed by the exit stack ``stack``.
+    """
+
+    def __init__(self, tmp_path: Path, stack: AsyncExitStack) -> None:
+        self.tmp_path = tmp_path
+        self.stack = stack
+        self.edges: dict[str, RunningEdge] = {}
+        self.master: RunningMaster
+        self.ops: Client
+
+    async def stop_edges(self) -> None:
+        """Stop every running edge."""
+        for edge in self.edges.values():
+            if edge.service.running:
+                await edge.stop()
+
+    def client(self, base_url: str, bind_host: str | None = None) -> Client:
+        """Return a client (from ``bind_host`` if given) closed at the end of the test."""
+        client = Client(base_url) if bind_host is None else BoundClient(base_url, bind_host)
+        self.stack.push_async_callback(client.close)
+        return client
+
+    async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Send one operator write and return its event (it must be acknowledged with 201)."""
+        reply = await self.ops.post(path, body)
+        assert reply.code == 201, (path, body, reply.code, reply.body)
+        event: dict[str, Any] = reply.json()["event"]
+        return event
 
 
 async def start_edge_env(

@@ -7,7 +7,8 @@ import os
 import re
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,22 @@ async def stop_child(collector: Collector, process: Any) -> int | None:
     return code
 
 
+def kill_child(collector: Collector | None, process: Any) -> None:
+    """Kill a CLI child that is still running (clean-up of a test that failed before its end)."""
+    if collector is not None and process is not None and not collector.ended.called:
+        process.signalProcess("KILL")
+
+
+@asynccontextmanager
+async def cli_master(tmp_path: Path) -> AsyncIterator[tuple[RunningMaster, dict[str, str]]]:
+    """A master and the environment of CLI children talking to it; the master stops on exit."""
+    running = await start_master(tmp_path)
+    try:
+        yield running, cli_env(running.url)
+    finally:
+        await running.stop()
+
+
 async def tail_of(master: RunningMaster) -> int:
     """The master's tail seq."""
     client = Client(master.url)
@@ -137,9 +154,7 @@ async def tail_of(master: RunningMaster) -> int:
 @pytest_twisted.ensureDeferred
 async def test_ip_entries_write_list_and_remove(tmp_path: Path) -> None:
     """ban/allow print one-line confirmations, list as tables, and unban/unallow twice exit 0."""
-    master = await start_master(tmp_path)
-    env = cli_env(master.url)
-    try:
+    async with cli_master(tmp_path) as (master, env):
         ban = await ctl(env, "ban", "203.0.113.7", "--reason", "brute force", "--ttl", "600")
         assert (ban.code, ban.out, ban.err) == (0, "banned 203.0.113.7/32 (seq 1)\n", "")
         assert (await ctl(env, "ban", "198.51.100.0/24")).out == "banned 198.51.100.0/24 (seq 2)\n"
@@ -173,16 +188,12 @@ async def test_ip_entries_write_list_and_remove(tmp_path: Path) -> None:
         empty = await ctl(env, "allows")
         assert (empty.code, empty.out) == (0, "no allow entries\n")
         assert await tail_of(master) == 5
-    finally:
-        await master.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_listing_follows_paging_and_filters_by_ip(tmp_path: Path) -> None:
     """bans/allows/revocations follow ``next`` with small pages; ``--ip`` lists covering entries."""
-    master = await start_master(tmp_path)
-    env = cli_env(master.url)
-    try:
+    async with cli_master(tmp_path) as (master, env):
         for ip in ("192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.4", "198.51.100.0/24"):
             assert (await ctl(env, "ban", ip)).code == 0
         for ip in ("203.0.113.1", "203.0.113.2", "203.0.113.3"):
@@ -220,16 +231,12 @@ async def test_listing_follows_paging_and_filters_by_ip(tmp_path: Path) -> None:
         assert len(as_json.json()["bans"]) == 5
         none = await ctl(env, "bans", "--ip", "10.1.2.3")
         assert (none.code, none.out) == (0, "no bans cover 10.1.2.3\n")
-    finally:
-        await master.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_revocations_and_invalidations(tmp_path: Path) -> None:
     """revoke-token, revoke-subject and invalidate confirm in one line; revocations lists them."""
-    master = await start_master(tmp_path)
-    env = cli_env(master.url)
-    try:
+    async with cli_master(tmp_path) as (master, env):
         token = await ctl(
             env, "revoke-token", "jti-1", "--expires-at", "4102444800", "--reason", "leaked"
         )
@@ -250,16 +257,12 @@ async def test_revocations_and_invalidations(tmp_path: Path) -> None:
         doc = (await ctl(env, "--json", "revocations")).json()
         assert doc["revoked_tokens"] == [{"jti": "jti-1", "expires_at": 4102444800}]
         assert doc["revoked_subjects"][0]["sub"] == "alice"
-    finally:
-        await master.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_json_output_and_status(tmp_path: Path) -> None:
     """``--json`` prints the server's JSON (before or after the command); status is key: value."""
-    master = await start_master(tmp_path)
-    env = cli_env(master.url)
-    try:
+    async with cli_master(tmp_path) as (master, env):
         ban = await ctl(env, "--json", "ban", "2001:db8::1", "--reason", "scan")
         doc = ban.json()
         assert doc["event"]["ip"] == "2001:db8::1/128"
@@ -283,8 +286,6 @@ async def test_json_output_and_status(tmp_path: Path) -> None:
         assert fields["tail"].strip() == "0000000000000002"
         assert fields["log_id"].strip() == status_json.json()["log_id"]
         assert fields["master"].strip() == master.url
-    finally:
-        await master.stop()
 
 
 @pytest_twisted.ensureDeferred
@@ -393,8 +394,7 @@ async def test_tail_follows_the_stream_across_cycles_until_ctrl_c(tmp_path: Path
         assert await stop_child(collector, process) == 0
         assert b"reconnecting" not in collector.err, collector.err
     finally:
-        if not collector.ended.called:
-            process.signalProcess("KILL")
+        kill_child(collector, process)
         await client.close()
         await master.stop()
 
@@ -434,8 +434,7 @@ async def test_tail_json_from_an_offset_survives_a_master_restart(tmp_path: Path
         gone = await ctl(env, "--master", f"http://127.0.0.1:{closed_port()}", "tail")
         assert gone.code == 3
     finally:
-        if collector is not None and process is not None and not collector.ended.called:
-            process.signalProcess("KILL")
+        kill_child(collector, process)
         await client.close()
         await master.stop()
 

@@ -8,7 +8,8 @@ and then misbehave on the live stream.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,12 @@ class EdgeRig:
             await until(lambda: sub.first_sync.called, timeout, "first sync")
         return self.sub
 
+    async def __aenter__(self) -> EdgeRig:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
     async def stop(self) -> None:
         if self.sub is not None:
             await self.sub.stop()
@@ -203,6 +210,18 @@ class Ops:
 
     async def close(self) -> None:
         await self.client.close()
+
+
+@asynccontextmanager
+async def master_and_ops(path: Path, **master: Any) -> AsyncIterator[tuple[RunningMaster, Ops]]:
+    """A master started in ``path`` and the operator's client of it; both closed on the way out."""
+    master_ = await start_master(path, **master)
+    ops = Ops(master_)
+    try:
+        yield master_, ops
+    finally:
+        await ops.close()
+        await master_.stop()
 
 
 async def listen(resource: Resource) -> IListeningPort:
@@ -295,10 +314,10 @@ async def test_bootstrap_then_live(
     tmp_path: Path, mode: str, master_kw: dict[str, Any], live_mode: str
 ) -> None:
     """State posted before start is there after first sync; live bans/unbans arrive within 1 s."""
-    master = await start_master(tmp_path, **master_kw)
-    ops = Ops(master)
-    edge = EdgeRig(tmp_path, [master.url], mode=mode)
-    try:
+    async with (
+        master_and_ops(tmp_path, **master_kw) as (master, ops),
+        EdgeRig(tmp_path, [master.url], mode=mode) as edge,
+    ):
         posted = await post_state(ops)
         sub = await edge.start()
         assert edge.snapshots() == 1
@@ -339,10 +358,6 @@ async def test_bootstrap_then_live(
         assert master_requests(master, live_mode, 200) >= 1
         other = "sse" if live_mode == "long_poll" else "long_poll"
         assert master_requests(master, other, 200) == 0
-    finally:
-        await edge.stop()
-        await ops.close()
-        await master.stop()
 
 
 # --- 3: last known good and catch-up from the stored offset --------------------------------
@@ -402,24 +417,20 @@ async def test_restart_loads_file_then_catches_up_from_offset(tmp_path: Path) ->
 @pytest_twisted.ensureDeferred
 async def test_new_log_id_rebootstraps(tmp_path: Path, new_events: int) -> None:
     """Pointed at a master with another log, the edge re-bootstraps and mirrors the new master."""
-    old_master = await start_master(subdir(tmp_path, "a"))
-    ops = Ops(old_master)
-    edge = EdgeRig(tmp_path, [old_master.url])
-    try:
+    async with (
+        master_and_ops(subdir(tmp_path, "a")) as (old_master, ops),
+        EdgeRig(tmp_path, [old_master.url]) as edge,
+    ):
         for i in range(6):
             await ops.ban(f"198.51.100.{i}", reason="old log")
         await edge.start()
         old_offset = edge.state.offset  # type: ignore[union-attr]
         assert old_offset == 6
-    finally:
-        await edge.stop()
-        await ops.close()
-        await old_master.stop()
 
-    new_master = await start_master(subdir(tmp_path, "b"))
-    ops = Ops(new_master)
-    edge = EdgeRig(tmp_path, [new_master.url], rng=QuickRandom())
-    try:
+    async with (
+        master_and_ops(subdir(tmp_path, "b")) as (new_master, ops),
+        EdgeRig(tmp_path, [new_master.url], rng=QuickRandom()) as edge,
+    ):
         assert new_master.service.log.log_id != old_master.service.log.log_id
         for i in range(new_events):
             await ops.ban(f"192.0.2.{i}", reason="new log")
@@ -434,10 +445,6 @@ async def test_new_log_id_rebootstraps(tmp_path: Path, new_events: int) -> None:
         assert edge.view() == await master_view(new_master)
         assert edge.refuses("198.51.100.1") is None
         assert edge.refuses("192.0.2.1") is not None
-    finally:
-        await edge.stop()
-        await ops.close()
-        await new_master.stop()
 
 
 # --- 5: 410 ----------------------------------------------------------------------------------
@@ -446,15 +453,12 @@ async def test_new_log_id_rebootstraps(tmp_path: Path, new_events: int) -> None:
 @pytest_twisted.ensureDeferred
 async def test_expired_offset_rebootstraps(tmp_path: Path) -> None:
     """Once retention removed the edge's offset, catch-up gets 410 and the edge re-bootstraps."""
-    master = await start_master(tmp_path, retention_events=5)
-    ops = Ops(master)
-    edge = EdgeRig(tmp_path, [master.url], rng=QuickRandom())
-    try:
-        for i in range(3):
-            await ops.ban(f"198.51.100.{i}", reason="early")
-        await edge.start()
-        assert edge.state is not None and edge.state.offset == 3
-        await edge.stop()
+    async with master_and_ops(tmp_path, retention_events=5) as (master, ops):
+        async with EdgeRig(tmp_path, [master.url], rng=QuickRandom()) as edge:
+            for i in range(3):
+                await ops.ban(f"198.51.100.{i}", reason="early")
+            await edge.start()
+            assert edge.state is not None and edge.state.offset == 3
 
         await ops.write("/unban/ip", {"ip": "198.51.100.0"})
         for i in range(9):
@@ -462,22 +466,18 @@ async def test_expired_offset_rebootstraps(tmp_path: Path) -> None:
         await master.service._compact()
         assert master.service.log.earliest > 4
 
-        edge = EdgeRig(tmp_path, [master.url], rng=QuickRandom())
-        state = await edge.load()
-        assert state.offset == 3
-        assert edge.refuses("198.51.100.0") is not None  # the file, before any network
-        await edge.start()
-        await until(lambda: state.offset == tail(master), 5.0, "rebootstrap")
-        assert master_requests(master, "catch_up", 410) >= 1
-        assert edge.snapshots() == 1
-        assert edge.view() == await master_view(master)
-        assert edge.refuses("198.51.100.0") is None
-        assert edge.refuses("198.51.100.1") is not None
-        assert edge.refuses("192.0.2.8") is not None
-    finally:
-        await edge.stop()
-        await ops.close()
-        await master.stop()
+        async with EdgeRig(tmp_path, [master.url], rng=QuickRandom()) as edge:
+            state = await edge.load()
+            assert state.offset == 3
+            assert edge.refuses("198.51.100.0") is not None  # the file, before any network
+            await edge.start()
+            await until(lambda: state.offset == tail(master), 5.0, "rebootstrap")
+            assert master_requests(master, "catch_up", 410) >= 1
+            assert edge.snapshots() == 1
+            assert edge.view() == await master_view(master)
+            assert edge.refuses("198.51.100.0") is None
+            assert edge.refuses("198.51.100.1") is not None
+            assert edge.refuses("192.0.2.8") is not None
 
 
 # --- 6: failover -----------------------------------------------------------------------------
@@ -486,10 +486,10 @@ async def test_expired_offset_rebootstraps(tmp_path: Path) -> None:
 @pytest_twisted.ensureDeferred
 async def test_failover_to_second_master(tmp_path: Path) -> None:
     """With the first master refusing connections the edge syncs from the second."""
-    master = await start_master(tmp_path)
-    ops = Ops(master)
-    edge = EdgeRig(tmp_path, ["http://127.0.0.1:1", master.url])
-    try:
+    async with (
+        master_and_ops(tmp_path) as (master, ops),
+        EdgeRig(tmp_path, ["http://127.0.0.1:1", master.url]) as edge,
+    ):
         banned = await ops.ban("198.51.100.7")
         sub = await edge.start()
         assert sub.status.master == master.url
@@ -497,10 +497,6 @@ async def test_failover_to_second_master(tmp_path: Path) -> None:
         assert edge.refuses("198.51.100.7") == banned["seq"]
         live = await ops.ban("198.51.100.8")
         await until(lambda: edge.refuses("198.51.100.8") == live["seq"], 1.0, "live ban")
-    finally:
-        await edge.stop()
-        await ops.close()
-        await master.stop()
 
 
 # --- 7: idle watchdog ------------------------------------------------------------------------
@@ -509,10 +505,10 @@ async def test_failover_to_second_master(tmp_path: Path) -> None:
 @pytest_twisted.ensureDeferred
 async def test_idle_watchdog_reconnects(tmp_path: Path) -> None:
     """With no byte for two ping intervals the edge reconnects (reason idle) and stays in sync."""
-    master = await start_master(tmp_path, ping_interval=30)
-    ops = Ops(master)
-    edge = EdgeRig(tmp_path, [master.url], ping_interval=0.2)
-    try:
+    async with (
+        master_and_ops(tmp_path, ping_interval=30) as (master, ops),
+        EdgeRig(tmp_path, [master.url], ping_interval=0.2) as edge,
+    ):
         sub = await edge.start()
         await until(lambda: edge.reconnects("idle") >= 1, 3.0, "an idle reconnect")
         live = await ops.ban("198.51.100.9", reason="after idle")
@@ -521,10 +517,6 @@ async def test_idle_watchdog_reconnects(tmp_path: Path) -> None:
         by_reason = edge.reconnects_by_reason()
         assert sum(by_reason.values()) == sub.status.reconnects, by_reason
         assert set(by_reason) == {"idle"}, by_reason
-    finally:
-        await edge.stop()
-        await ops.close()
-        await master.stop()
 
 
 # --- 8: SSE cycling --------------------------------------------------------------------------
@@ -533,12 +525,12 @@ async def test_idle_watchdog_reconnects(tmp_path: Path) -> None:
 @pytest_twisted.ensureDeferred
 async def test_sse_cycling_misses_nothing(tmp_path: Path) -> None:
     """A master cycling SSE every 0.5 s: the edge reconnects at once and gets all 20 bans once."""
-    master = await start_master(tmp_path, sse_cycle=0.5)
-    ops = Ops(master)
     rng = QuickRandom()
-    edge = EdgeRig(tmp_path, [master.url], rng=rng)
     applied: list[int] = []
-    try:
+    async with (
+        master_and_ops(tmp_path, sse_cycle=0.5) as (master, ops),
+        EdgeRig(tmp_path, [master.url], rng=rng) as edge,
+    ):
         await ops.ban("198.51.100.1")
         state = await edge.load()
         state.apply_listeners.append(lambda events: applied.extend(e.seq for e in events))
@@ -557,10 +549,6 @@ async def test_sse_cycling_misses_nothing(tmp_path: Path) -> None:
         # "At once": no backoff wait was drawn for a server cycle.
         assert rng.bounds == []
         assert edge.snapshots() == 1
-    finally:
-        await edge.stop()
-        await ops.close()
-        await master.stop()
 
 
 # --- 9: readiness and the admin listener ---------------------------------------------------
@@ -750,31 +738,29 @@ async def test_token_refused_on_reconnect_after_sync(tmp_path: Path) -> None:
 @pytest_twisted.ensureDeferred
 async def test_token_refused_by_tail_probe_while_stream_stays_up(tmp_path: Path) -> None:
     """The tail probe's 401 makes the edge not ready even while its stream stays connected."""
-    master = await start_master(tmp_path)
-    ops = Ops(master)
-    edge = EdgeRig(tmp_path, [master.url], tail_probe_interval=0.1)
-    admin: Admin | None = None
-    try:
-        banned = await ops.ban("198.51.100.7")
-        sub = await edge.start()
-        admin = await Admin(edge, max_lag=5).start()
-        _rotate_token(sub, "rotated-away")
-        await until(lambda: sub.status.refused, 2.0, "the probe's refusal")
-        assert sub.status.connected and sub.status.reconnects == 0
-        assert await admin.readyz() == (503, "master_refused")
-        assert edge.refuses("198.51.100.7") == banned["seq"]
-        # The old stream still delivers; the edge still applies (and enforces) what it gets.
-        live = await ops.ban("198.51.100.8")
-        await until(lambda: edge.refuses("198.51.100.8") == live["seq"], 1.0, "live ban")
-        _rotate_token(sub, EDGE_TOKEN)
-        await until(lambda: not sub.status.refused, 2.0, "the probe's acceptance")
-        assert await admin.readyz() == (200, None)
-    finally:
-        if admin is not None:
-            await admin.stop()
-        await edge.stop()
-        await ops.close()
-        await master.stop()
+    async with (
+        master_and_ops(tmp_path) as (master, ops),
+        EdgeRig(tmp_path, [master.url], tail_probe_interval=0.1) as edge,
+    ):
+        admin: Admin | None = None
+        try:
+            banned = await ops.ban("198.51.100.7")
+            sub = await edge.start()
+            admin = await Admin(edge, max_lag=5).start()
+            _rotate_token(sub, "rotated-away")
+            await until(lambda: sub.status.refused, 2.0, "the probe's refusal")
+            assert sub.status.connected and sub.status.reconnects == 0
+            assert await admin.readyz() == (503, "master_refused")
+            assert edge.refuses("198.51.100.7") == banned["seq"]
+            # The old stream still delivers; the edge still applies (and enforces) what it gets.
+            live = await ops.ban("198.51.100.8")
+            await until(lambda: edge.refuses("198.51.100.8") == live["seq"], 1.0, "live ban")
+            _rotate_token(sub, EDGE_TOKEN)
+            await until(lambda: not sub.status.refused, 2.0, "the probe's acceptance")
+            assert await admin.readyz() == (200, None)
+        finally:
+            if admin is not None:
+                await admin.stop()
 
 
 class CopiedAnswers:

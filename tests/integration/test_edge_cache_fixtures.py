@@ -14,7 +14,15 @@ from typing import Any
 
 import attrs
 from httptools import HttpResponseParser
-from support import Client, Reply, RunningEdge, RunningMaster, start_edge, start_master, wait_until
+from support import (
+    Client,
+    EdgeFleet,
+    Reply,
+    RunningEdge,
+    start_edge,
+    start_master,
+    wait_until,
+)
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString
@@ -238,17 +246,13 @@ class _Chunks:
         self.paused = True
 
 
-class CacheFleet:
+class CacheFleet(EdgeFleet):
     """A master, a scripted origin and edges with caches; everything closed by the exit stack."""
 
     def __init__(self, tmp_path: Path, stack: AsyncExitStack) -> None:
-        self.tmp_path = tmp_path
-        self.stack = stack
+        super().__init__(tmp_path, stack)
         self.origin = ScriptedOrigin()
-        self.edges: dict[str, RunningEdge] = {}
         self.sections: dict[str, dict[str, Any]] = {}
-        self.master: RunningMaster
-        self.ops: Client
 
     async def start(self, names: Sequence[str] = ("edge-a", "edge-b"), **sections: Any) -> None:
         """Start the master, the origin and edges ``names`` with the given ini sections."""
@@ -276,21 +280,9 @@ class CacheFleet:
         self.edges[name] = edge
         return edge
 
-    async def stop_edges(self) -> None:
-        """Stop every running edge."""
-        for edge in self.edges.values():
-            if edge.service.running:
-                await edge.stop()
-
     def cache(self, name: str) -> Any:
         """The :class:`EdgeCache` of edge ``name``."""
         return self.edges[name].service.cache
-
-    def client(self, base_url: str) -> Client:
-        """A client closed at the end of the test."""
-        client = Client(base_url)
-        self.stack.push_async_callback(client.close)
-        return client
 
     def user(self, name: str) -> CacheClient:
         """A client of edge ``name`` that sends ``Host: shop.example``."""

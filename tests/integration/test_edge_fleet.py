@@ -18,6 +18,7 @@ import pytest_twisted
 from support import (
     BoundClient,
     Client,
+    EdgeFleet,
     Origin,
     Reply,
     RunningEdge,
@@ -44,17 +45,13 @@ def state_counts(status: dict[str, Any]) -> dict[str, int]:
     return {key: counts[key] for key in STATE_COUNTS}
 
 
-class Fleet:
-    """A master, an origin and edges, plus the clients a test opened; all closed by ``aclose``."""
+class Fleet(EdgeFleet):
+    """A master, an origin and edges, plus the clients a test opened; all closed by the stack."""
 
     def __init__(self, tmp_path: Path, stack: AsyncExitStack) -> None:
-        self.tmp_path = tmp_path
-        self.stack = stack
-        self.master: RunningMaster
+        super().__init__(tmp_path, stack)
         self.origin = Origin()
-        self.edges: dict[str, RunningEdge] = {}
         self.sections: dict[str, dict[str, Any]] = {}
-        self.ops: Client
 
     async def start(self, edges: dict[str, dict[str, Any]]) -> Fleet:
         """Start the master, the origin and the named edges (``name -> start_edge sections``)."""
@@ -101,25 +98,6 @@ class Fleet:
         )
         self.edges[name] = edge
         return edge
-
-    async def stop_edges(self) -> None:
-        """Stop every running edge."""
-        for edge in self.edges.values():
-            if edge.service.running:
-                await edge.stop()
-
-    def client(self, base_url: str, bind_host: str | None = None) -> Client:
-        """Return a client (from ``bind_host`` if given) closed at the end of the test."""
-        client = Client(base_url) if bind_host is None else BoundClient(base_url, bind_host)
-        self.stack.push_async_callback(client.close)
-        return client
-
-    async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """Send one operator write and return its event (it must be acknowledged with 201)."""
-        reply = await self.ops.post(path, body)
-        assert reply.code == 201, (path, body, reply.code, reply.body)
-        event: dict[str, Any] = reply.json()["event"]
-        return event
 
     async def tail(self) -> str:
         """The master's tail offset (``HEAD /v1/stream/events``)."""

@@ -20,12 +20,11 @@ import pytest_twisted
 from joserfc import jwt
 from joserfc.jwk import OctKey, RSAKey
 from support import (
-    BoundClient,
     Client,
+    EdgeFleet,
     Origin,
     Reply,
     RunningEdge,
-    RunningMaster,
     start_edge_env,
     start_master,
     wait_until,
@@ -100,17 +99,13 @@ def gate_sections(keys: Keys) -> dict[str, dict[str, Any]]:
     }
 
 
-class Bench:
+class Bench(EdgeFleet):
     """A master, an origin and edges with the JWT gate; everything is closed by the stack."""
 
     def __init__(self, tmp_path: Path, stack: AsyncExitStack) -> None:
-        self.tmp_path = tmp_path
-        self.stack = stack
+        super().__init__(tmp_path, stack)
         self.keys = Keys(tmp_path)
         self.origin = Origin()
-        self.edges: dict[str, RunningEdge] = {}
-        self.master: RunningMaster
-        self.ops: Client
 
     async def start(self, *names: str, **failures: Any) -> Bench:
         self.master = await start_master(self.tmp_path)
@@ -135,22 +130,6 @@ class Bench:
         )
         self.edges[name] = edge
         return edge
-
-    async def stop_edges(self) -> None:
-        for edge in self.edges.values():
-            if edge.service.running:
-                await edge.stop()
-
-    def client(self, url: str, bind_host: str | None = None) -> Client:
-        client = Client(url) if bind_host is None else BoundClient(url, bind_host)
-        self.stack.push_async_callback(client.close)
-        return client
-
-    async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        reply = await self.ops.post(path, body)
-        assert reply.code == 201, (path, body, reply.code, reply.body)
-        event: dict[str, Any] = reply.json()["event"]
-        return event
 
     async def admin(self, edge: RunningEdge, path: str) -> dict[str, Any]:
         client = Client(edge.admin_url)

@@ -220,6 +220,40 @@ async def edge(
     return started
 
 
+async def cert_edge(
+    stack: AsyncExitStack,
+    tmp_path: Path,
+    master: RunningMaster,
+    origin: Origin,
+    pki: Pki,
+    issued: Issued,
+    *,
+    synced: bool,
+) -> RunningEdge:
+    """Start ``edge-a`` with no token: the client certificate ``issued`` is its only credential."""
+    return await edge(
+        stack,
+        tmp_path,
+        "edge-a",
+        master,
+        origin,
+        synced=synced,
+        token="",
+        tls_ca=pki.ca.path,
+        tls_cert=issued.cert,
+        tls_key=issued.key,
+    )
+
+
+def stacked_client(
+    stack: AsyncExitStack, base_url: str, pki: Pki, cert: Issued | None = None
+) -> Client:
+    """A :func:`tls_client` that ``stack`` closes."""
+    client = tls_client(base_url, pki, cert)
+    stack.push_async_callback(client.close)
+    return client
+
+
 async def admin_get(edge: RunningEdge, path: str) -> tuple[int, Any]:
     admin = Client(edge.admin_url)
     try:
@@ -253,8 +287,7 @@ def fleet_ids(master: RunningMaster) -> set[str]:
 async def test_master_and_edge_listen_on_ssl_endpoints(tmp_path: Path, pki: Pki) -> None:
     """An ssl: master and an ssl: edge: the edge verifies the master by the test CA and syncs."""
     async with running(tmp_path, listen=ssl_listen(pki.master)) as (stack, (master, origin)):
-        ops = tls_client(https_url(master), pki)
-        stack.push_async_callback(ops.close)
+        ops = stacked_client(stack, https_url(master), pki)
         assert (await ops.get("/healthz", token=None)).code == 200
         started = await edge(
             stack,
@@ -268,8 +301,7 @@ async def test_master_and_edge_listen_on_ssl_endpoints(tmp_path: Path, pki: Pki)
         )
         assert (await admin_get(started, "/readyz"))[0] == 200
         proxy_url = f"https://127.0.0.1:{started.service.port.getHost().port}"
-        visitor = tls_client(proxy_url, pki)
-        stack.push_async_callback(visitor.close)
+        visitor = stacked_client(stack, proxy_url, pki)
         reply = await visitor.get("/hello", token=None)
         assert reply.code == 200 and reply.body == b"origin says hello /hello", reply.body
 
@@ -334,23 +366,11 @@ async def test_mtls_edge_with_the_right_certificate_syncs_without_a_token(
 ) -> None:
     """A mapped client certificate is the edge's credential; writes by the ops certificate."""
     async with running(tmp_path, **mtls_master(pki, required=True)) as (stack, (master, origin)):
-        started = await edge(
-            stack,
-            tmp_path,
-            "edge-a",
-            master,
-            origin,
-            synced=True,
-            token="",
-            tls_ca=pki.ca.path,
-            tls_cert=pki.edge_a.cert,
-            tls_key=pki.edge_a.key,
-        )
+        started = await cert_edge(stack, tmp_path, master, origin, pki, pki.edge_a, synced=True)
         assert started.service.settings.edge.token is None
         assert (await admin_get(started, "/readyz"))[0] == 200
 
-        ops = tls_client(https_url(master), pki, pki.ops)
-        stack.push_async_callback(ops.close)
+        ops = stacked_client(stack, https_url(master), pki, pki.ops)
         ban = await ops.post("/ban/ip", {"ip": "203.0.113.7", "reason": "mtls"}, token=None)
         assert ban.code == 201, ban.body
         event = ban.json()["event"]
@@ -365,8 +385,7 @@ async def test_mtls_edge_with_the_right_certificate_syncs_without_a_token(
         assert fleet_ids(master) == {"edge-a"}
 
         # The edge's certificate has the edge role: it may read, never unban.
-        as_edge = tls_client(https_url(master), pki, pki.edge_a)
-        stack.push_async_callback(as_edge.close)
+        as_edge = stacked_client(stack, https_url(master), pki, pki.edge_a)
         assert (await as_edge.get("/v1/snapshot", token=None)).code == 200
         refused = await as_edge.post("/unban/ip", {"ip": "203.0.113.7"}, token=None)
         assert refused.code == 403 and refused.json()["error"] == "forbidden", refused.body
@@ -397,8 +416,7 @@ async def test_mtls_required_refuses_the_handshake(
         await refused_and_not_ready(started, why)
         assert fleet_ids(master) == set(), why
 
-        direct = tls_client(https_url(master), pki, getattr(pki, cert) if cert else None)
-        stack.push_async_callback(direct.close)
+        direct = stacked_client(stack, https_url(master), pki, getattr(pki, cert) if cert else None)
         with pytest.raises(Exception) as info:  # noqa: B017 - TLS errors come in several types
             await direct.get("/v1/snapshot", token=EDGE_TOKEN)
         assert "SSL" in repr(info.value) or "ssl" in repr(info.value), info.value
@@ -408,23 +426,11 @@ async def test_mtls_required_refuses_the_handshake(
 async def test_mtls_certificate_without_a_role_is_forbidden(tmp_path: Path, pki: Pki) -> None:
     """A certificate of the right CA whose CN has no role gets 403; the edge is not ready."""
     async with running(tmp_path, **mtls_master(pki, required=True)) as (stack, (master, origin)):
-        started = await edge(
-            stack,
-            tmp_path,
-            "edge-a",
-            master,
-            origin,
-            synced=False,
-            token="",
-            tls_ca=pki.ca.path,
-            tls_cert=pki.stranger.cert,
-            tls_key=pki.stranger.key,
-        )
+        started = await cert_edge(stack, tmp_path, master, origin, pki, pki.stranger, synced=False)
         await refused_and_not_ready(started, "an unmapped certificate")
         assert "403" in str(started.service.subscriber.status.last_error)
 
-        stranger = tls_client(https_url(master), pki, pki.stranger)
-        stack.push_async_callback(stranger.close)
+        stranger = stacked_client(stack, https_url(master), pki, pki.stranger)
         reply = await stranger.get("/v1/snapshot", token=None)
         assert reply.code == 403 and "CN=stranger" in reply.json()["detail"], reply.body
 
@@ -433,32 +439,19 @@ async def test_mtls_certificate_without_a_role_is_forbidden(tmp_path: Path, pki:
 async def test_mtls_optional_keeps_tokens_working(tmp_path: Path, pki: Pki) -> None:
     """tls_client_required = false: token clients without certificates work, others get 401."""
     async with running(tmp_path, **mtls_master(pki, required=False)) as (stack, (master, origin)):
-        anonymous = tls_client(https_url(master), pki)
-        stack.push_async_callback(anonymous.close)
+        anonymous = stacked_client(stack, https_url(master), pki)
         assert (await anonymous.get("/bans", token=None)).code == 401
         assert (await anonymous.get("/bans", token=OPERATOR_TOKEN)).code == 200
 
         token_edge = await edge(
             stack, tmp_path, "edge-b", master, origin, synced=True, tls_ca=pki.ca.path
         )
-        cert_edge = await edge(
-            stack,
-            tmp_path,
-            "edge-a",
-            master,
-            origin,
-            synced=True,
-            token="",
-            tls_ca=pki.ca.path,
-            tls_cert=pki.edge_a.cert,
-            tls_key=pki.edge_a.key,
-        )
-        for started in (token_edge, cert_edge):
+        by_cert = await cert_edge(stack, tmp_path, master, origin, pki, pki.edge_a, synced=True)
+        for started in (token_edge, by_cert):
             assert (await admin_get(started, "/readyz"))[0] == 200
         await wait_until(lambda: fleet_ids(master) == {"edge-a", "edge-b"}, "both edges listed")
 
-        foreign = tls_client(https_url(master), pki, pki.edge_a_by_rogue)
-        stack.push_async_callback(foreign.close)
+        foreign = stacked_client(stack, https_url(master), pki, pki.edge_a_by_rogue)
         with pytest.raises(Exception):  # noqa: B017 - an invalid certificate fails the handshake
             await foreign.get("/bans", token=OPERATOR_TOKEN)
 
